@@ -1,0 +1,333 @@
+//! `Rollout`: a progressive release of a Deployment, shaped like Flagger's `Canary` so that Flagger users can
+//! migrate by changing `apiVersion` and `kind`.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Condition, DurationString, Weight};
+
+/// Builtin metric: percentage of non-5xx requests.
+pub const REQUEST_SUCCESS_RATE: &str = "request-success-rate";
+/// Builtin metric: p99 request duration in milliseconds.
+pub const REQUEST_DURATION: &str = "request-duration";
+
+/// A progressive release of `targetRef`: each pod-template change is started beside the current version,
+/// shifted traffic step by step, judged from metrics, then promoted or rolled back.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "sluice.dev",
+    version = "v1alpha1",
+    kind = "Rollout",
+    namespaced,
+    status = "RolloutStatus",
+    shortname = "ro",
+    category = "sluice",
+    category = "all",
+    doc = "A progressive release of a workload on a service mesh, judged from Prometheus metrics.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Weight", type_ = "integer", json_path = ".status.canaryWeight"),
+    printcolumn(
+        name = "FailedChecks",
+        type_ = "integer",
+        json_path = ".status.failedChecks"
+    ),
+    printcolumn(
+        name = "Revision",
+        type_ = "string",
+        json_path = ".status.revision",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// The workload being released. It runs the canary and is scaled to 0 between releases.
+    pub target_ref: TargetRef,
+    /// The Service in front of the workload; Sluice generates `<name>`, `<name>-primary` and `<name>-canary`.
+    pub service: ServiceSpec,
+    /// The mesh whose routes Sluice drives.
+    #[serde(default)]
+    pub provider: Provider,
+    /// How each step is judged and how far traffic moves.
+    pub analysis: Analysis,
+    /// Seconds a release may make no progress before it is rolled back.
+    #[serde(default = "default_progress_deadline")]
+    #[schemars(range(min = 1))]
+    pub progress_deadline_seconds: u32,
+    /// Promote without running the analysis.
+    #[serde(default)]
+    pub skip_analysis: bool,
+    /// Stop acting on this Rollout: traffic and workloads stay as they are.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+fn default_progress_deadline() -> u32 {
+    600
+}
+
+/// The workload a Rollout releases.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetRef {
+    /// API version of the target.
+    #[serde(default = "default_apps_v1")]
+    #[x_kube(validation = Rule::new("self == 'apps/v1'").message("targetRef.apiVersion must be apps/v1"))]
+    pub api_version: String,
+    /// Kind of the target.
+    pub kind: TargetKind,
+    /// Name of the target in the Rollout's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+fn default_apps_v1() -> String {
+    "apps/v1".to_owned()
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetKind {
+    Deployment,
+}
+
+/// The Service Sluice generates for the target and the hosts the route answers for.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// Service name; defaults to the target's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub name: Option<String>,
+    /// Port the Service exposes.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+    /// Container port traffic is sent to; defaults to `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub target_port: Option<u16>,
+    /// Extra hosts the route answers for (Istio `hosts`, Gateway API `hostnames`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// Istio gateways or Gateway API parents the route attaches to besides the mesh.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
+}
+
+/// The mesh that carries the traffic split.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// Istio (and Azure Service Mesh): a `VirtualService`.
+    #[default]
+    Istio,
+    /// Gateway API `HTTPRoute` attached to the Service (GAMMA).
+    GatewayApi,
+}
+
+/// How a release advances and how each step is judged.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!(has(self.stepWeight) && has(self.stepWeights))").message("stepWeight and stepWeights are mutually exclusive: set one of them"),
+    validation = Rule::new("!has(self.steps) || !(has(self.stepWeight) || has(self.stepWeights))").message("steps replaces stepWeight/stepWeights: set only one way of moving traffic"),
+    validation = Rule::new("!has(self.stepWeight) || !has(self.maxWeight) || self.maxWeight >= self.stepWeight").message("maxWeight must be greater than or equal to stepWeight"),
+    validation = Rule::new("!has(self.stepWeights) || !has(self.maxWeight) || self.stepWeights.all(w, w <= self.maxWeight)").message("every stepWeights entry must be at most maxWeight"),
+)]
+pub struct Analysis {
+    /// Time between two checks (at least 1s).
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s')").message("interval must be at least 1s"))]
+    pub interval: DurationString,
+    /// Failed checks tolerated before the release is rolled back.
+    #[serde(default = "default_threshold")]
+    #[schemars(range(min = 1))]
+    pub threshold: u32,
+    /// Highest canary weight before promotion (with stepWeight / stepWeights).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_weight: Option<Weight>,
+    /// Weight added to the canary at each step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("stepWeight must be at least 1"))]
+    pub step_weight: Option<Weight>,
+    /// Explicit canary weights, one per step, in increasing order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    #[x_kube(validation = Rule::new("self.isSorted()").message("stepWeights must be in increasing order"))]
+    pub step_weights: Option<Vec<Weight>>,
+    /// Explicit steps (Argo Rollouts style) instead of stepWeight / stepWeights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub steps: Option<Vec<Step>>,
+    /// Number of checks for releases that do not shift weight (blue-green, A/B).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub iterations: Option<u32>,
+    /// How failed checks are counted against `threshold`.
+    #[serde(default)]
+    pub failure_counting: FailureCounting,
+    /// Metrics checked at every interval; every one must pass for the release to advance.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<Metric>,
+}
+
+fn default_threshold() -> u32 {
+    5
+}
+
+/// How failed checks add up.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum FailureCounting {
+    /// Every failed check counts until the release ends (Flagger's behaviour).
+    #[default]
+    Cumulative,
+    /// A passing check resets the count; only an unbroken run of failures rolls back.
+    Consecutive,
+}
+
+/// One explicit step: set a weight, or pause.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.setWeight) != has(self.pause)").message("a step sets exactly one of setWeight or pause"))]
+pub struct Step {
+    /// Canary weight for this step; the analysis runs while it holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_weight: Option<Weight>,
+    /// Wait before the next step; without a duration, wait for a manual promote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause: Option<Pause>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Pause {
+    /// How long to wait; absent means until promoted by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<DurationString>,
+}
+
+/// A check run at every interval.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.query) || self.name == 'request-success-rate' || self.name == 'request-duration'").message("a metric needs a query unless its name is a builtin (request-success-rate, request-duration)"))]
+pub struct Metric {
+    /// Metric name; `request-success-rate` and `request-duration` are builtins.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Custom PromQL template; may use {{ namespace }}, {{ target }}, {{ service }}, {{ interval }}.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub query: Option<String>,
+    /// Accepted range of the measured value.
+    pub threshold_range: ThresholdRange,
+    /// Query window; defaults to the analysis interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s')").message("interval must be at least 1s"))]
+    pub interval: Option<DurationString>,
+    /// Fewer requests than this in the window counts as no data, never as a pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub min_requests: Option<u32>,
+    /// What a check with no data does: hold the step, or count as a failed check.
+    #[serde(default)]
+    pub on_no_data: NoDataPolicy,
+}
+
+/// Bounds a metric's value must stay within to pass.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.min) || has(self.max)").message("thresholdRange needs min, max or both"),
+    validation = Rule::new("!has(self.min) || !has(self.max) || self.min <= self.max").message("thresholdRange.min must not exceed thresholdRange.max"),
+)]
+pub struct ThresholdRange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+}
+
+/// What a check that found no data does.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum NoDataPolicy {
+    /// Keep the current weight and check again; the progress deadline still applies.
+    #[default]
+    Hold,
+    /// Count the check as failed.
+    Fail,
+}
+
+/// Observed state of a Rollout. Everything a restarted operator needs to continue lives here.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<RolloutPhase>,
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Current canary weight.
+    #[serde(default)]
+    pub canary_weight: Weight,
+    /// Index of the current step (explicit steps or stepWeights).
+    #[serde(default)]
+    pub current_step: u32,
+    /// Checks run at the current step (blue-green and A/B count iterations).
+    #[serde(default)]
+    pub iterations: u32,
+    /// Failed checks counted against the threshold.
+    #[serde(default)]
+    pub failed_checks: u32,
+    /// Hash of the pod template being released.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// Hash of the pod template the primary runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_promoted_revision: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
+    /// Latest verdict of each metric with the value measured.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verdicts: Vec<MetricVerdict>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// Short phase shown by `kubectl get rollouts`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RolloutPhase {
+    Initializing,
+    Initialized,
+    Progressing,
+    Promoting,
+    Succeeded,
+    Failed,
+    Paused,
+}
+
+/// The latest result of one metric.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricVerdict {
+    pub name: String,
+    pub verdict: Verdict,
+    /// The measured value, when there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    pub checked_at: Time,
+}
+
+/// Outcome of one check. No data is never a pass.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Verdict {
+    Pass,
+    Fail,
+    NoData,
+}

@@ -1,0 +1,6 @@
+//! Sluice: progressive delivery (`Rollout`) and Rego authorization (`AuthorizationPolicy`) for service meshes.
+//!
+//! The library holds everything the `sluice` binary runs; `main.rs` only parses arguments and dispatches.
+
+pub mod api;
+pub mod cli;
