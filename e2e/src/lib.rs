@@ -9,6 +9,7 @@
 
 pub mod kubelet;
 mod discovery;
+pub mod harness;
 pub mod merge;
 mod registry;
 pub mod schema;

@@ -125,6 +125,15 @@ async fn handle(
 ) -> Response {
     let query = parse_query(raw_query.as_deref());
     let path = uri.path().trim_end_matches('/').to_owned();
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|c| c.to_str().ok()).unwrap_or("");
+    if !body.is_empty() && (content_type.contains("protobuf") || content_type.contains("cbor")) {
+        // client-go falls back to JSON when a server refuses its binary encodings with 415.
+        return error_response(&ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {content_type})"),
+        ));
+    }
     tracing::debug!(%method, path, ?raw_query, "request");
     match serve(&shared, &method, &path, &headers, &query, &body).await {
         Ok(response) => response,

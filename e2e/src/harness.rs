@@ -1,0 +1,165 @@
+//! Helpers for scenario tests: run the machine's real `kubectl` against a sandbox, with its own kubeconfig and
+//! discovery cache so tests never touch the user's files or each other.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Where the repository's files (`crds/`, `config/`) are.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// What one kubectl invocation returned.
+#[derive(Debug)]
+pub struct KubectlOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl KubectlOutput {
+    fn from_output(output: Output) -> KubectlOutput {
+        KubectlOutput {
+            success: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+}
+
+/// `kubectl` bound to one sandbox.
+pub struct Kubectl {
+    dir: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl Kubectl {
+    /// Writes `kubeconfig` into `dir` (a per-test temporary directory) and uses `dir/cache` for discovery.
+    pub fn new(dir: &Path, kubeconfig: &str) -> std::io::Result<Kubectl> {
+        let path = dir.join("kubeconfig");
+        std::fs::write(&path, kubeconfig)?;
+        Ok(Kubectl { dir: dir.to_owned(), kubeconfig: path })
+    }
+
+    pub fn kubeconfig_path(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(kubectl_binary());
+        cmd.arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--cache-dir")
+            .arg(self.dir.join("cache"))
+            .args(args)
+            .env_remove("KUBECONFIG")
+            .current_dir(repo_root());
+        cmd
+    }
+
+    /// Runs kubectl to completion (bounded by its own `--request-timeout`).
+    pub fn run(&self, args: &[&str]) -> KubectlOutput {
+        let mut all = vec!["--request-timeout=20s"];
+        all.extend_from_slice(args);
+        match self.command(&all).output() {
+            Ok(output) => KubectlOutput::from_output(output),
+            Err(err) => KubectlOutput {
+                success: false,
+                stdout: String::new(),
+                stderr: format!("could not run {}: {err}", kubectl_binary()),
+            },
+        }
+    }
+
+    /// Runs kubectl with `stdin` as its standard input.
+    pub fn run_with_stdin(&self, args: &[&str], stdin: &str) -> KubectlOutput {
+        use std::io::Write;
+        let spawned = self.command(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(err) => {
+                return KubectlOutput { success: false, stdout: String::new(), stderr: err.to_string() };
+            }
+        };
+        if let Some(mut input) = child.stdin.take() {
+            let _ = input.write_all(stdin.as_bytes());
+        }
+        match child.wait_with_output() {
+            Ok(output) => KubectlOutput::from_output(output),
+            Err(err) => KubectlOutput { success: false, stdout: String::new(), stderr: err.to_string() },
+        }
+    }
+
+    /// Runs kubectl and fails the test with its output when it does not succeed.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.success, "kubectl {} failed:\nstdout: {}\nstderr: {}", args.join(" "), out.stdout, out.stderr);
+        out.stdout
+    }
+
+    /// Starts a long-running kubectl (e.g. `get -w`) whose output lines can be awaited.
+    pub fn spawn_lines(&self, args: &[&str]) -> std::io::Result<LineStream> {
+        let mut child = self.command(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+        let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("kubectl has no stdout"))?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(LineStream { child, lines: rx })
+    }
+}
+
+/// Output lines of a running process; the process is killed on drop.
+pub struct LineStream {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl LineStream {
+    /// Waits up to `timeout` for a line containing `needle`; returns every line read meanwhile on failure.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String, Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Ok(line),
+                Ok(line) => seen.push(line),
+                Err(_) => break,
+            }
+        }
+        Err(seen)
+    }
+}
+
+impl Drop for LineStream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The kubectl to test with: `$KUBECTL` or the one on `PATH`.
+pub fn kubectl_binary() -> String {
+    std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".to_owned())
+}
+
+/// Polls `check` every 50ms until it returns `Some`, for at most `timeout`.
+pub fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
