@@ -34,13 +34,19 @@ pub fn core_versions(server_address: &str) -> Value {
 }
 
 fn group_doc(name: &str, versions: &[String]) -> Value {
-    let versions: Vec<Value> =
-        versions.iter().map(|v| json!({"groupVersion": format!("{name}/{v}"), "version": v})).collect();
+    let versions: Vec<Value> = versions
+        .iter()
+        .map(|v| json!({"groupVersion": format!("{name}/{v}"), "version": v}))
+        .collect();
     json!({"name": name, "versions": versions, "preferredVersion": versions.first().cloned().unwrap_or(Value::Null)})
 }
 
 pub fn group_list(registry: &Registry) -> Value {
-    let groups: Vec<Value> = registry.groups().iter().map(|(name, versions)| group_doc(name, versions)).collect();
+    let groups: Vec<Value> = registry
+        .groups()
+        .iter()
+        .map(|(name, versions)| group_doc(name, versions))
+        .collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
@@ -53,7 +59,16 @@ pub fn group(registry: &Registry, name: &str) -> Option<Value> {
     Some(doc)
 }
 
-const ALL_VERBS: [&str; 8] = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"];
+const ALL_VERBS: [&str; 8] = [
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
 
 fn storage_hash(ty: &ResourceType) -> String {
     let mut hasher = DefaultHasher::new();
@@ -95,12 +110,22 @@ pub fn resource_list(registry: &Registry, group: &str, version: &str) -> Option<
     if resources.is_empty() {
         return None;
     }
-    let group_version = if group.is_empty() { version.to_owned() } else { format!("{group}/{version}") };
-    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources}))
+    let group_version = if group.is_empty() {
+        version.to_owned()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources}),
+    )
 }
 
 fn gv_path(group: &str, version: &str) -> String {
-    if group.is_empty() { format!("api/{version}") } else { format!("apis/{group}/{version}") }
+    if group.is_empty() {
+        format!("api/{version}")
+    } else {
+        format!("apis/{group}/{version}")
+    }
 }
 
 /// One OpenAPI v3 document per group-version, listing item paths with their PATCH operation and the query
@@ -126,7 +151,10 @@ pub fn openapi_v3_group_version(registry: &Registry, group: &str, version: &str)
             })
         };
         let params = json!([
-            query_param("dryRun"), query_param("fieldManager"), query_param("fieldValidation"), query_param("force")
+            query_param("dryRun"),
+            query_param("fieldManager"),
+            query_param("fieldValidation"),
+            query_param("force")
         ]);
         let mut patch = operation("patch");
         patch["parameters"] = params.clone();
@@ -157,10 +185,15 @@ pub fn openapi_v3_group_version(registry: &Registry, group: &str, version: &str)
 
 pub fn openapi_v3_index(registry: &Registry) -> Value {
     let mut paths = serde_json::Map::new();
-    let mut gvs: Vec<(String, String)> = registry.all().map(|t| (t.group.clone(), t.version.clone())).collect();
+    let mut gvs: Vec<(String, String)> = registry
+        .all()
+        .map(|t| (t.group.clone(), t.version.clone()))
+        .collect();
     gvs.dedup();
     for (group, version) in gvs {
-        let Some(doc) = openapi_v3_group_version(registry, &group, &version) else { continue };
+        let Some(doc) = openapi_v3_group_version(registry, &group, &version) else {
+            continue;
+        };
         let mut hasher = DefaultHasher::new();
         doc.to_string().hash(&mut hasher);
         let path = gv_path(&group, &version);

@@ -41,7 +41,10 @@ impl Kubectl {
     pub fn new(dir: &Path, kubeconfig: &str) -> std::io::Result<Kubectl> {
         let path = dir.join("kubeconfig");
         std::fs::write(&path, kubeconfig)?;
-        Ok(Kubectl { dir: dir.to_owned(), kubeconfig: path })
+        Ok(Kubectl {
+            dir: dir.to_owned(),
+            kubeconfig: path,
+        })
     }
 
     pub fn kubeconfig_path(&self) -> &Path {
@@ -77,11 +80,20 @@ impl Kubectl {
     /// Runs kubectl with `stdin` as its standard input.
     pub fn run_with_stdin(&self, args: &[&str], stdin: &str) -> KubectlOutput {
         use std::io::Write;
-        let spawned = self.command(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+        let spawned = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
         let mut child = match spawned {
             Ok(child) => child,
             Err(err) => {
-                return KubectlOutput { success: false, stdout: String::new(), stderr: err.to_string() };
+                return KubectlOutput {
+                    success: false,
+                    stdout: String::new(),
+                    stderr: err.to_string(),
+                };
             }
         };
         if let Some(mut input) = child.stdin.take() {
@@ -89,21 +101,38 @@ impl Kubectl {
         }
         match child.wait_with_output() {
             Ok(output) => KubectlOutput::from_output(output),
-            Err(err) => KubectlOutput { success: false, stdout: String::new(), stderr: err.to_string() },
+            Err(err) => KubectlOutput {
+                success: false,
+                stdout: String::new(),
+                stderr: err.to_string(),
+            },
         }
     }
 
     /// Runs kubectl and fails the test with its output when it does not succeed.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(out.success, "kubectl {} failed:\nstdout: {}\nstderr: {}", args.join(" "), out.stdout, out.stderr);
+        assert!(
+            out.success,
+            "kubectl {} failed:\nstdout: {}\nstderr: {}",
+            args.join(" "),
+            out.stdout,
+            out.stderr
+        );
         out.stdout
     }
 
     /// Starts a long-running kubectl (e.g. `get -w`) whose output lines can be awaited.
     pub fn spawn_lines(&self, args: &[&str]) -> std::io::Result<LineStream> {
-        let mut child = self.command(args).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
-        let stdout = child.stdout.take().ok_or_else(|| std::io::Error::other("kubectl has no stdout"))?;
+        let mut child = self
+            .command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| std::io::Error::other("kubectl has no stdout"))?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {

@@ -22,7 +22,10 @@ pub const FIELD_MANAGER: &str = "sluice-sandbox-kubelet";
 fn annotation<'a>(obj: &'a Value, key: &str) -> Option<&'a str> {
     obj.pointer("/spec/template/metadata/annotations")
         .and_then(|a| a.get(key))
-        .or_else(|| obj.pointer("/metadata/annotations").and_then(|a| a.get(key)))
+        .or_else(|| {
+            obj.pointer("/metadata/annotations")
+                .and_then(|a| a.get(key))
+        })
         .and_then(Value::as_str)
 }
 
@@ -32,8 +35,14 @@ fn never_ready(obj: &Value) -> bool {
 
 /// The status a workload controller and kubelets would converge to for this object.
 pub fn workload_status(obj: &Value, previous: Option<&Value>, now: &str) -> Value {
-    let replicas = obj.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1);
-    let generation = obj.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0);
+    let replicas = obj
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .unwrap_or(1);
+    let generation = obj
+        .pointer("/metadata/generation")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
     let ready = if never_ready(obj) { 0 } else { replicas };
     let available = ready >= replicas;
     let condition = |type_: &str, status: bool, reason: &str, message: String| {
@@ -41,14 +50,20 @@ pub fn workload_status(obj: &Value, previous: Option<&Value>, now: &str) -> Valu
         let since = previous
             .and_then(|p| p.get("conditions"))
             .and_then(Value::as_array)
-            .and_then(|cs| cs.iter().find(|c| c.get("type").and_then(Value::as_str) == Some(type_)))
+            .and_then(|cs| {
+                cs.iter()
+                    .find(|c| c.get("type").and_then(Value::as_str) == Some(type_))
+            })
             .filter(|c| c.get("status").and_then(Value::as_str) == Some(status))
             .and_then(|c| c.get("lastTransitionTime").cloned())
             .unwrap_or_else(|| json!(now));
         json!({"type": type_, "status": status, "reason": reason, "message": message,
                "lastUpdateTime": now, "lastTransitionTime": since})
     };
-    let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
+    let name = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let mut status = json!({
         "observedGeneration": generation,
         "replicas": replicas,
@@ -61,25 +76,52 @@ pub fn workload_status(obj: &Value, previous: Option<&Value>, now: &str) -> Valu
     }
     status["conditions"] = json!([
         if available {
-            condition("Available", true, "MinimumReplicasAvailable", "Deployment has minimum availability.".into())
+            condition(
+                "Available",
+                true,
+                "MinimumReplicasAvailable",
+                "Deployment has minimum availability.".into(),
+            )
         } else {
-            condition("Available", false, "MinimumReplicasUnavailable", "Deployment does not have minimum availability.".into())
+            condition(
+                "Available",
+                false,
+                "MinimumReplicasUnavailable",
+                "Deployment does not have minimum availability.".into(),
+            )
         },
-        condition("Progressing", true, "NewReplicaSetAvailable", format!("ReplicaSet \"{name}\" has successfully progressed.")),
+        condition(
+            "Progressing",
+            true,
+            "NewReplicaSetAvailable",
+            format!("ReplicaSet \"{name}\" has successfully progressed.")
+        ),
     ]);
     status
 }
 
 /// Whether the stored status already says what [`workload_status`] would (ignoring timestamps).
 fn status_is_current(obj: &Value) -> bool {
-    let Some(current) = obj.get("status") else { return false };
+    let Some(current) = obj.get("status") else {
+        return false;
+    };
     let desired = workload_status(obj, Some(current), "");
-    let counts = ["observedGeneration", "replicas", "updatedReplicas", "readyReplicas", "availableReplicas"];
+    let counts = [
+        "observedGeneration",
+        "replicas",
+        "updatedReplicas",
+        "readyReplicas",
+        "availableReplicas",
+    ];
     let same_counts = counts.iter().all(|f| current.get(f) == desired.get(f));
     let condition_states = |s: &Value| -> Vec<(Value, Value)> {
         s.get("conditions")
             .and_then(Value::as_array)
-            .map(|cs| cs.iter().map(|c| (c["type"].clone(), c["status"].clone())).collect())
+            .map(|cs| {
+                cs.iter()
+                    .map(|c| (c["type"].clone(), c["status"].clone()))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     same_counts && condition_states(current) == condition_states(&desired)
@@ -99,7 +141,10 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             Err(RecvError::Lagged(_)) => continue,
             Err(RecvError::Closed) => return,
         };
-        if event.type_ == EventType::Deleted || !is_workload(&event.key) || status_is_current(&event.object) {
+        if event.type_ == EventType::Deleted
+            || !is_workload(&event.key)
+            || status_is_current(&event.object)
+        {
             continue;
         }
         let delay = annotation(&event.object, READY_DELAY_ANNOTATION)
@@ -108,7 +153,12 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         let shared = shared.clone();
         let key = event.key.clone();
         let namespace = event.namespace.clone();
-        let name = event.object.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let name = event
+            .object
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             converge(&shared, &key, &namespace, &name);
@@ -121,19 +171,30 @@ fn parse_delay(text: &str) -> Option<Duration> {
     if let Some(ms) = text.strip_suffix("ms") {
         return ms.parse().ok().map(Duration::from_millis);
     }
-    text.strip_suffix('s').and_then(|s| s.parse::<f64>().ok()).and_then(|s| Duration::try_from_secs_f64(s).ok())
+    text.strip_suffix('s')
+        .and_then(|s| s.parse::<f64>().ok())
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
 }
 
 fn converge(shared: &Shared, key: &TypeKey, namespace: &str, name: &str) {
-    let Ok(mut store) = shared.store.lock() else { return };
-    let Some(ty) = store.registry().any_version(key) else { return };
-    let Ok(obj) = store.get(&ty, namespace, name) else { return };
+    let Ok(mut store) = shared.store.lock() else {
+        return;
+    };
+    let Some(ty) = store.registry().any_version(key) else {
+        return;
+    };
+    let Ok(obj) = store.get(&ty, namespace, name) else {
+        return;
+    };
     if status_is_current(&obj) || obj.pointer("/metadata/deletionTimestamp").is_some() {
         return;
     }
     let mut updated = obj.clone();
     updated["status"] = workload_status(&obj, obj.get("status"), &now_rfc3339());
-    let opts = WriteOptions { field_manager: Some(FIELD_MANAGER.into()), ..WriteOptions::default() };
+    let opts = WriteOptions {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..WriteOptions::default()
+    };
     if let Err(err) = store.update(&ty, namespace, name, updated, Some("status"), &opts) {
         tracing::debug!(%err, name, namespace, "kubelet stand-in could not update status");
     }

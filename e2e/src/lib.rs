@@ -7,10 +7,11 @@
 //! strategic-merge / server-side-apply patches, finalizers, ownerReference garbage collection, and a kubelet
 //! stand-in that makes Deployments and StatefulSets ready. It is a test harness, not a production API server.
 
-pub mod kubelet;
 mod discovery;
 pub mod harness;
+pub mod kubelet;
 pub mod merge;
+mod protobuf;
 mod registry;
 pub mod schema;
 mod selector;
@@ -48,7 +49,11 @@ impl Sandbox {
         let task = tokio::spawn(server::serve_until(listener, shared, async move {
             let _ = rx.await;
         }));
-        Ok(Sandbox { addr, shutdown: Some(tx), task })
+        Ok(Sandbox {
+            addr,
+            shutdown: Some(tx),
+            task,
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -105,9 +110,19 @@ pub struct BackgroundSandbox {
 impl BackgroundSandbox {
     /// Starts on a free loopback port.
     pub fn start(config: SandboxConfig) -> std::io::Result<BackgroundSandbox> {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-        let sandbox = runtime.block_on(Sandbox::start(SocketAddr::from(([127, 0, 0, 1], 0)), config))?;
-        Ok(BackgroundSandbox { url: sandbox.url(), runtime: Some(runtime), sandbox: Some(sandbox) })
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let sandbox = runtime.block_on(Sandbox::start(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            config,
+        ))?;
+        Ok(BackgroundSandbox {
+            url: sandbox.url(),
+            runtime: Some(runtime),
+            sandbox: Some(sandbox),
+        })
     }
 
     pub fn url(&self) -> &str {

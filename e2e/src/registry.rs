@@ -48,7 +48,10 @@ pub struct ResourceType {
 
 impl ResourceType {
     pub fn key(&self) -> TypeKey {
-        TypeKey { group: self.group.clone(), resource: self.plural.clone() }
+        TypeKey {
+            group: self.group.clone(),
+            resource: self.plural.clone(),
+        }
     }
 
     pub fn api_version(&self) -> String {
@@ -74,27 +77,236 @@ impl ResourceType {
 }
 
 /// Built-in kind description: (group, version, plural, kind, short names, namespaced, status, scale, generation, categories).
-struct Builtin(&'static str, &'static str, &'static str, &'static str, &'static [&'static str], bool, bool, bool, bool, &'static [&'static str]);
+struct Builtin(
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+    bool,
+    bool,
+    bool,
+    bool,
+    &'static [&'static str],
+);
 
 const BUILTINS: &[Builtin] = &[
-    Builtin("", "v1", "namespaces", "Namespace", &["ns"], false, true, false, false, &[]),
-    Builtin("", "v1", "pods", "Pod", &["po"], true, true, false, false, &["all"]),
-    Builtin("", "v1", "services", "Service", &["svc"], true, true, false, false, &["all"]),
-    Builtin("", "v1", "endpoints", "Endpoints", &["ep"], true, false, false, false, &[]),
-    Builtin("", "v1", "configmaps", "ConfigMap", &["cm"], true, false, false, false, &[]),
-    Builtin("", "v1", "secrets", "Secret", &[], true, false, false, false, &[]),
-    Builtin("", "v1", "serviceaccounts", "ServiceAccount", &["sa"], true, false, false, false, &[]),
-    Builtin("", "v1", "events", "Event", &["ev"], true, false, false, false, &[]),
-    Builtin("apps", "v1", "deployments", "Deployment", &["deploy"], true, true, true, true, &["all"]),
-    Builtin("apps", "v1", "statefulsets", "StatefulSet", &["sts"], true, true, true, true, &["all"]),
-    Builtin("apps", "v1", "replicasets", "ReplicaSet", &["rs"], true, true, true, true, &["all"]),
-    Builtin("coordination.k8s.io", "v1", "leases", "Lease", &[], true, false, false, false, &[]),
-    Builtin("events.k8s.io", "v1", "events", "Event", &["ev"], true, false, false, false, &[]),
-    Builtin("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", &["crd", "crds"], false, true, false, false, &["api-extensions"]),
-    Builtin("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", &[], false, false, false, false, &[]),
-    Builtin("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", &[], false, false, false, false, &[]),
-    Builtin("rbac.authorization.k8s.io", "v1", "roles", "Role", &[], true, false, false, false, &[]),
-    Builtin("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", &[], true, false, false, false, &[]),
+    Builtin(
+        "",
+        "v1",
+        "namespaces",
+        "Namespace",
+        &["ns"],
+        false,
+        true,
+        false,
+        false,
+        &[],
+    ),
+    Builtin(
+        "",
+        "v1",
+        "pods",
+        "Pod",
+        &["po"],
+        true,
+        true,
+        false,
+        false,
+        &["all"],
+    ),
+    Builtin(
+        "",
+        "v1",
+        "services",
+        "Service",
+        &["svc"],
+        true,
+        true,
+        false,
+        false,
+        &["all"],
+    ),
+    Builtin(
+        "",
+        "v1",
+        "endpoints",
+        "Endpoints",
+        &["ep"],
+        true,
+        false,
+        false,
+        false,
+        &[],
+    ),
+    Builtin(
+        "",
+        "v1",
+        "configmaps",
+        "ConfigMap",
+        &["cm"],
+        true,
+        false,
+        false,
+        false,
+        &[],
+    ),
+    Builtin(
+        "",
+        "v1",
+        "secrets",
+        "Secret",
+        &[],
+        true,
+        false,
+        false,
+        false,
+        &[],
+    ),
+    Builtin(
+        "",
+        "v1",
+        "serviceaccounts",
+        "ServiceAccount",
+        &["sa"],
+        true,
+        false,
+        false,
+        false,
+        &[],
+    ),
+    Builtin(
+        "",
+        "v1",
+        "events",
+        "Event",
+        &["ev"],
+        true,
+        false,
+        false,
+        false,
+        &[],
+    ),
+    Builtin(
+        "apps",
+        "v1",
+        "deployments",
+        "Deployment",
+        &["deploy"],
+        true,
+        true,
+        true,
+        true,
+        &["all"],
+    ),
+    Builtin(
+        "apps",
+        "v1",
+        "statefulsets",
+        "StatefulSet",
+        &["sts"],
+        true,
+        true,
+        true,
+        true,
+        &["all"],
+    ),
+    Builtin(
+        "apps",
+        "v1",
+        "replicasets",
+        "ReplicaSet",
+        &["rs"],
+        true,
+        true,
+        true,
+        true,
+        &["all"],
+    ),
+    Builtin(
+        "coordination.k8s.io",
+        "v1",
+        "leases",
+        "Lease",
+        &[],
+        true,
+        false,
+        false,
+        false,
+        &[],
+    ),
+    Builtin(
+        "events.k8s.io",
+        "v1",
+        "events",
+        "Event",
+        &["ev"],
+        true,
+        false,
+        false,
+        false,
+        &[],
+    ),
+    Builtin(
+        "apiextensions.k8s.io",
+        "v1",
+        "customresourcedefinitions",
+        "CustomResourceDefinition",
+        &["crd", "crds"],
+        false,
+        true,
+        false,
+        false,
+        &["api-extensions"],
+    ),
+    Builtin(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "clusterroles",
+        "ClusterRole",
+        &[],
+        false,
+        false,
+        false,
+        false,
+        &[],
+    ),
+    Builtin(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "clusterrolebindings",
+        "ClusterRoleBinding",
+        &[],
+        false,
+        false,
+        false,
+        false,
+        &[],
+    ),
+    Builtin(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "roles",
+        "Role",
+        &[],
+        true,
+        false,
+        false,
+        false,
+        &[],
+    ),
+    Builtin(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "rolebindings",
+        "RoleBinding",
+        &[],
+        true,
+        false,
+        false,
+        false,
+        &[],
+    ),
 ];
 
 /// All served types, by group then version then plural.
@@ -107,7 +319,18 @@ impl Registry {
     pub fn with_builtins() -> Registry {
         let mut registry = Registry::default();
         for b in BUILTINS {
-            let Builtin(group, version, plural, kind, short, namespaced, status, scale, generation, categories) = *b;
+            let Builtin(
+                group,
+                version,
+                plural,
+                kind,
+                short,
+                namespaced,
+                status,
+                scale,
+                generation,
+                categories,
+            ) = *b;
             registry.insert(ResourceType {
                 group: group.into(),
                 version: version.into(),
@@ -130,16 +353,24 @@ impl Registry {
     }
 
     fn insert(&mut self, ty: ResourceType) {
-        self.types.insert((ty.group.clone(), ty.version.clone(), ty.plural.clone()), Arc::new(ty));
+        self.types.insert(
+            (ty.group.clone(), ty.version.clone(), ty.plural.clone()),
+            Arc::new(ty),
+        );
     }
 
     pub fn get(&self, group: &str, version: &str, plural: &str) -> Option<Arc<ResourceType>> {
-        self.types.get(&(group.to_owned(), version.to_owned(), plural.to_owned())).cloned()
+        self.types
+            .get(&(group.to_owned(), version.to_owned(), plural.to_owned()))
+            .cloned()
     }
 
     /// Any served version of a type (used when only the stored identity is known).
     pub fn any_version(&self, key: &TypeKey) -> Option<Arc<ResourceType>> {
-        self.types.values().find(|t| t.group == key.group && t.plural == key.resource).cloned()
+        self.types
+            .values()
+            .find(|t| t.group == key.group && t.plural == key.resource)
+            .cloned()
     }
 
     pub fn all(&self) -> impl Iterator<Item = &Arc<ResourceType>> {
@@ -158,8 +389,14 @@ impl Registry {
         groups
     }
 
-    pub fn in_group_version<'a>(&'a self, group: &'a str, version: &'a str) -> impl Iterator<Item = &'a Arc<ResourceType>> {
-        self.types.values().filter(move |t| t.group == group && t.version == version)
+    pub fn in_group_version<'a>(
+        &'a self,
+        group: &'a str,
+        version: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<ResourceType>> {
+        self.types
+            .values()
+            .filter(move |t| t.group == group && t.version == version)
     }
 
     /// Removes every version a CRD served.
@@ -170,7 +407,11 @@ impl Registry {
     /// Registers the served versions of a CRD; errors name the field that is wrong.
     pub fn register_crd(&mut self, crd: &Value) -> Result<(), Vec<(String, String)>> {
         let types = crd_types(crd)?;
-        let name = crd.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let name = crd
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
         self.remove_crd(&name);
         for t in types {
             self.insert(t);
@@ -182,7 +423,12 @@ impl Registry {
 /// Builds the served types of a CRD object, or the field errors that make it unacceptable.
 pub fn crd_types(crd: &Value) -> Result<Vec<ResourceType>, Vec<(String, String)>> {
     let mut errors = Vec::new();
-    let text = |path: &str| crd.pointer(path).and_then(Value::as_str).unwrap_or_default().to_owned();
+    let text = |path: &str| {
+        crd.pointer(path)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
     let name = text("/metadata/name");
     let group = text("/spec/group");
     let plural = text("/spec/names/plural");
@@ -197,42 +443,78 @@ pub fn crd_types(crd: &Value) -> Result<Vec<ResourceType>, Vec<(String, String)>
         errors.push(("spec.names.kind".into(), "Required value".into()));
     }
     if !name.is_empty() && name != format!("{plural}.{group}") {
-        errors.push(("metadata.name".into(), format!("Invalid value: \"{name}\": must be spec.names.plural+\".\"+spec.group")));
+        errors.push((
+            "metadata.name".into(),
+            format!("Invalid value: \"{name}\": must be spec.names.plural+\".\"+spec.group"),
+        ));
     }
     let scope = text("/spec/scope");
     if scope != "Namespaced" && scope != "Cluster" {
-        errors.push(("spec.scope".into(), format!("Unsupported value: \"{scope}\": supported values: \"Cluster\", \"Namespaced\"")));
+        errors.push((
+            "spec.scope".into(),
+            format!(
+                "Unsupported value: \"{scope}\": supported values: \"Cluster\", \"Namespaced\""
+            ),
+        ));
     }
     let strings = |path: &str| -> Vec<String> {
         crd.pointer(path)
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
             .unwrap_or_default()
     };
-    let versions = crd.pointer("/spec/versions").and_then(Value::as_array).cloned().unwrap_or_default();
+    let versions = crd
+        .pointer("/spec/versions")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     if versions.is_empty() {
-        errors.push(("spec.versions".into(), "Required value: must have exactly one version marked as storage version".into()));
+        errors.push((
+            "spec.versions".into(),
+            "Required value: must have exactly one version marked as storage version".into(),
+        ));
     }
-    let storage_versions = versions.iter().filter(|v| v.get("storage").and_then(Value::as_bool) == Some(true)).count();
+    let storage_versions = versions
+        .iter()
+        .filter(|v| v.get("storage").and_then(Value::as_bool) == Some(true))
+        .count();
     if !versions.is_empty() && storage_versions != 1 {
-        errors.push(("spec.versions".into(), "Invalid value: must have exactly one version marked as storage version".into()));
+        errors.push((
+            "spec.versions".into(),
+            "Invalid value: must have exactly one version marked as storage version".into(),
+        ));
     }
     let mut types = Vec::new();
     for (i, v) in versions.iter().enumerate() {
         if v.get("served").and_then(Value::as_bool) != Some(true) {
             continue;
         }
-        let version = v.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let version = v
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
         let schema = match v.pointer("/schema/openAPIV3Schema") {
             Some(s) => match CompiledSchema::new(s) {
                 Ok(compiled) => Some(Arc::new(compiled)),
                 Err(message) => {
-                    errors.push((format!("spec.versions[{i}].schema.openAPIV3Schema"), format!("Invalid value: {message}")));
+                    errors.push((
+                        format!("spec.versions[{i}].schema.openAPIV3Schema"),
+                        format!("Invalid value: {message}"),
+                    ));
                     None
                 }
             },
             None => {
-                errors.push((format!("spec.versions[{i}].schema.openAPIV3Schema"), "Required value: schemas are required".into()));
+                errors.push((
+                    format!("spec.versions[{i}].schema.openAPIV3Schema"),
+                    "Required value: schemas are required".into(),
+                ));
                 None
             }
         };
@@ -242,11 +524,27 @@ pub fn crd_types(crd: &Value) -> Result<Vec<ResourceType>, Vec<(String, String)>
             .map(|cols| {
                 cols.iter()
                     .map(|c| PrinterColumn {
-                        name: c.get("name").and_then(Value::as_str).unwrap_or_default().to_owned(),
-                        type_: c.get("type").and_then(Value::as_str).unwrap_or("string").to_owned(),
-                        json_path: c.get("jsonPath").and_then(Value::as_str).unwrap_or_default().to_owned(),
+                        name: c
+                            .get("name")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_owned(),
+                        type_: c
+                            .get("type")
+                            .and_then(Value::as_str)
+                            .unwrap_or("string")
+                            .to_owned(),
+                        json_path: c
+                            .get("jsonPath")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_owned(),
                         priority: c.get("priority").and_then(Value::as_i64).unwrap_or(0),
-                        description: c.get("description").and_then(Value::as_str).unwrap_or_default().to_owned(),
+                        description: c
+                            .get("description")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                            .to_owned(),
                     })
                     .collect()
             })
@@ -277,14 +575,16 @@ pub fn crd_types(crd: &Value) -> Result<Vec<ResourceType>, Vec<(String, String)>
             crd: Some(name.clone()),
         });
     }
-    if errors.is_empty() { Ok(types) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(types)
+    } else {
+        Err(errors)
+    }
 }
 
 /// The accepted-names status a real API server reports for a CRD.
 pub fn crd_status(crd: &Value, now: &str) -> Value {
-    let condition = |type_: &str, reason: &str, message: &str| {
-        json!({"type": type_, "status": "True", "reason": reason, "message": message, "lastTransitionTime": now})
-    };
+    let condition = |type_: &str, reason: &str, message: &str| json!({"type": type_, "status": "True", "reason": reason, "message": message, "lastTransitionTime": now});
     let stored: Vec<Value> = crd
         .pointer("/spec/versions")
         .and_then(Value::as_array)
@@ -310,7 +610,13 @@ fn age_column() -> PrinterColumn {
 }
 
 fn column(name: &str, type_: &str, path: &str) -> PrinterColumn {
-    PrinterColumn { name: name.into(), type_: type_.into(), json_path: path.into(), priority: 0, description: String::new() }
+    PrinterColumn {
+        name: name.into(),
+        type_: type_.into(),
+        json_path: path.into(),
+        priority: 0,
+        description: String::new(),
+    }
 }
 
 /// Columns for built-in kinds, close to what kubectl users see from a real cluster.
@@ -329,13 +635,20 @@ fn builtin_columns(plural: &str) -> Vec<PrinterColumn> {
             age_column(),
         ],
         "namespaces" => vec![column("Status", "string", ".status.phase"), age_column()],
-        "customresourcedefinitions" => vec![column("Created At", "string", ".metadata.creationTimestamp")],
+        "customresourcedefinitions" => vec![column(
+            "Created At",
+            "string",
+            ".metadata.creationTimestamp",
+        )],
         "events" => vec![
             column("Type", "string", ".type"),
             column("Reason", "string", ".reason"),
             column("Message", "string", ".message"),
         ],
-        "leases" => vec![column("Holder", "string", ".spec.holderIdentity"), age_column()],
+        "leases" => vec![
+            column("Holder", "string", ".spec.holderIdentity"),
+            age_column(),
+        ],
         _ => vec![age_column()],
     }
 }

@@ -29,7 +29,9 @@ impl LabelSelector {
                 continue;
             }
             requirements.push(parse_term(term).ok_or_else(|| {
-                ApiError::bad_request(format!("unable to parse requirement: invalid label selector term {term:?}"))
+                ApiError::bad_request(format!(
+                    "unable to parse requirement: invalid label selector term {term:?}"
+                ))
             })?);
         }
         Ok(LabelSelector(requirements))
@@ -72,17 +74,31 @@ fn parse_term(term: &str) -> Option<Requirement> {
         return valid_key(key.trim()).map(Requirement::NotExists);
     }
     if let Some((k, v)) = term.split_once("!=") {
-        return Some(Requirement::NotEquals(valid_key(k.trim())?, v.trim().to_owned()));
+        return Some(Requirement::NotEquals(
+            valid_key(k.trim())?,
+            v.trim().to_owned(),
+        ));
     }
     if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
-        return Some(Requirement::Equals(valid_key(k.trim())?, v.trim().to_owned()));
+        return Some(Requirement::Equals(
+            valid_key(k.trim())?,
+            v.trim().to_owned(),
+        ));
     }
     for (op, negated) in [(" notin ", true), (" in ", false)] {
         if let Some((k, set)) = term.split_once(op) {
             let set = set.trim().strip_prefix('(')?.strip_suffix(')')?;
-            let values = set.split(',').map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()).collect();
+            let values = set
+                .split(',')
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+                .collect();
             let key = valid_key(k.trim())?;
-            return Some(if negated { Requirement::NotIn(key, values) } else { Requirement::In(key, values) });
+            return Some(if negated {
+                Requirement::NotIn(key, values)
+            } else {
+                Requirement::In(key, values)
+            });
         }
     }
     valid_key(term).map(Requirement::Exists)
@@ -90,7 +106,9 @@ fn parse_term(term: &str) -> Option<Requirement> {
 
 fn valid_key(key: &str) -> Option<String> {
     let ok = !key.is_empty()
-        && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
     ok.then(|| key.to_owned())
 }
 
@@ -107,9 +125,15 @@ impl FieldSelector {
             } else if let Some((p, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
                 (p, true, v)
             } else {
-                return Err(ApiError::bad_request(format!("invalid field selector term {term:?}")));
+                return Err(ApiError::bad_request(format!(
+                    "invalid field selector term {term:?}"
+                )));
             };
-            terms.push((path.trim().split('.').map(str::to_owned).collect(), equal, value.trim().to_owned()));
+            terms.push((
+                path.trim().split('.').map(str::to_owned).collect(),
+                equal,
+                value.trim().to_owned(),
+            ));
         }
         Ok(FieldSelector(terms))
     }
@@ -163,7 +187,10 @@ mod tests {
         let matches = |s: &str| FieldSelector::parse(s).map(|f| f.matches(&obj));
         assert_eq!(matches("metadata.name=a"), Ok(true));
         assert_eq!(matches("metadata.name=b"), Ok(false));
-        assert_eq!(matches("metadata.namespace!=y,involvedObject.kind=Rollout"), Ok(true));
+        assert_eq!(
+            matches("metadata.namespace!=y,involvedObject.kind=Rollout"),
+            Ok(true)
+        );
         assert!(FieldSelector::parse("metadata.name").is_err());
     }
 }

@@ -18,7 +18,9 @@ use crate::discovery;
 use crate::registry::ResourceType;
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::status::ApiError;
-use crate::store::{DeleteOptions, EventType, PatchType, Propagation, Store, WatchEvent, WriteOptions};
+use crate::store::{
+    DeleteOptions, EventType, PatchType, Propagation, Store, WatchEvent, WriteOptions,
+};
 use crate::table::{self, IncludeObject};
 
 /// Tunables of a sandbox instance.
@@ -50,7 +52,9 @@ pub(crate) struct Shared {
 
 impl Shared {
     fn store(&self) -> Result<MutexGuard<'_, Store>, ApiError> {
-        self.store.lock().map_err(|_| ApiError::new(500, "InternalError", "the sandbox store lock is poisoned"))
+        self.store
+            .lock()
+            .map_err(|_| ApiError::new(500, "InternalError", "the sandbox store lock is poisoned"))
     }
 }
 
@@ -59,15 +63,27 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 }
 
 fn json_response(code: StatusCode, body: &Value) -> Response {
-    (code, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 fn error_response(err: &ApiError) -> Response {
-    json_response(StatusCode::from_u16(err.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), &err.to_status())
+    json_response(
+        StatusCode::from_u16(err.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        &err.to_status(),
+    )
 }
 
 fn not_found_path() -> ApiError {
-    ApiError::new(404, "NotFound", "the server could not find the requested resource")
+    ApiError::new(
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+    )
 }
 
 /// Query parameters as a map (last value wins, which is what the API server does for these).
@@ -91,15 +107,13 @@ fn percent_decode(text: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(&text[i + 1..i + 3], 16) {
-                    Ok(b) => {
-                        out.push(b);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
+            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&text[i + 1..i + 3], 16) {
+                Ok(b) => {
+                    out.push(b);
+                    i += 2;
                 }
-            }
+                Err(_) => out.push(b'%'),
+            },
             b => out.push(b),
         }
         i += 1;
@@ -125,15 +139,18 @@ async fn handle(
 ) -> Response {
     let query = parse_query(raw_query.as_deref());
     let path = uri.path().trim_end_matches('/').to_owned();
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|c| c.to_str().ok()).unwrap_or("");
-    if !body.is_empty() && (content_type.contains("protobuf") || content_type.contains("cbor")) {
-        // client-go falls back to JSON when a server refuses its binary encodings with 415.
-        return error_response(&ApiError::new(
-            415,
-            "UnsupportedMediaType",
-            format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {content_type})"),
-        ));
-    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|c| c.to_str().ok())
+        .unwrap_or("");
+    let body = if !body.is_empty() && content_type.contains("protobuf") {
+        match crate::protobuf::decode(&body) {
+            Ok(obj) => Bytes::from(obj.to_string()),
+            Err(why) => return error_response(&ApiError::new(415, "UnsupportedMediaType", why)),
+        }
+    } else {
+        body
+    };
     tracing::debug!(%method, path, ?raw_query, "request");
     match serve(&shared, &method, &path, &headers, &query, &body).await {
         Ok(response) => response,
@@ -152,25 +169,45 @@ async fn serve(
     query: &HashMap<String, String>,
     body: &Bytes,
 ) -> Result<Response, ApiError> {
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let segments: Vec<&str> = path
+        .trim_start_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
     let store = || shared.store();
     match segments.as_slice() {
         ["healthz"] | ["livez"] | ["readyz"] => return Ok((StatusCode::OK, "ok").into_response()),
         ["version"] => return Ok(json_response(StatusCode::OK, &discovery::version())),
-        ["api"] => return Ok(json_response(StatusCode::OK, &discovery::core_versions(&shared.address))),
-        ["apis"] => return Ok(json_response(StatusCode::OK, &discovery::group_list(store()?.registry()))),
+        ["api"] => {
+            return Ok(json_response(
+                StatusCode::OK,
+                &discovery::core_versions(&shared.address),
+            ));
+        }
+        ["apis"] => {
+            return Ok(json_response(
+                StatusCode::OK,
+                &discovery::group_list(store()?.registry()),
+            ));
+        }
         ["apis", group] => {
             let doc = discovery::group(store()?.registry(), group).ok_or_else(not_found_path)?;
             return Ok(json_response(StatusCode::OK, &doc));
         }
-        ["openapi", "v3"] => return Ok(json_response(StatusCode::OK, &discovery::openapi_v3_index(store()?.registry()))),
+        ["openapi", "v3"] => {
+            return Ok(json_response(
+                StatusCode::OK,
+                &discovery::openapi_v3_index(store()?.registry()),
+            ));
+        }
         ["openapi", "v3", rest @ ..] => {
             let (group, version) = match rest {
                 ["api", version] => ("", *version),
                 ["apis", group, version] => (*group, *version),
                 _ => return Err(not_found_path()),
             };
-            let doc = discovery::openapi_v3_group_version(store()?.registry(), group, version).ok_or_else(not_found_path)?;
+            let doc = discovery::openapi_v3_group_version(store()?.registry(), group, version)
+                .ok_or_else(not_found_path)?;
             return Ok(json_response(StatusCode::OK, &doc));
         }
         _ => {}
@@ -181,7 +218,8 @@ async fn serve(
         _ => return Err(not_found_path()),
     };
     if rest.is_empty() {
-        let doc = discovery::resource_list(store()?.registry(), group, version).ok_or_else(not_found_path)?;
+        let doc = discovery::resource_list(store()?.registry(), group, version)
+            .ok_or_else(not_found_path)?;
         return Ok(json_response(StatusCode::OK, &doc));
     }
     let target = {
@@ -189,7 +227,9 @@ async fn serve(
         let registry = store.registry();
         let lookup = |plural: &str| registry.get(group, version, plural);
         let namespaced = match rest {
-            ["namespaces", ns, plural, tail @ ..] => lookup(plural).filter(|t| t.namespaced).map(|ty| (ty, Some(*ns), tail)),
+            ["namespaces", ns, plural, tail @ ..] => lookup(plural)
+                .filter(|t| t.namespaced)
+                .map(|ty| (ty, Some(*ns), tail)),
             _ => None,
         };
         let (ty, namespace, tail) = match namespaced {
@@ -209,7 +249,12 @@ async fn serve(
             Some("scale") if ty.scale_subresource => {}
             Some(_) => return Err(not_found_path()),
         }
-        Target { ty, namespace: namespace.map(str::to_owned), name: tail.first().map(|s| s.to_string()), subresource }
+        Target {
+            ty,
+            namespace: namespace.map(str::to_owned),
+            name: tail.first().map(|s| s.to_string()),
+            subresource,
+        }
     };
     let opts = WriteOptions {
         dry_run: query.get("dryRun").is_some_and(|v| v == "All"),
@@ -225,18 +270,36 @@ async fn serve(
     let include = IncludeObject::parse(query.get("includeObject").map(String::as_str));
     match (method, target.name.as_deref()) {
         (&Method::GET, None) => {
-            let labels = LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))?;
-            let fields = FieldSelector::parse(query.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
-            let selection = Selection { labels, fields, namespace: target.namespace.clone() };
+            let labels =
+                LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))?;
+            let fields =
+                FieldSelector::parse(query.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
+            let selection = Selection {
+                labels,
+                fields,
+                namespace: target.namespace.clone(),
+            };
             if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
-                return watch(shared.clone(), ty, selection, query, wants_table.then_some(include));
+                return watch(
+                    shared.clone(),
+                    ty,
+                    selection,
+                    query,
+                    wants_table.then_some(include),
+                );
             }
             let store = store()?;
-            let items: Vec<Value> =
-                store.list(&ty, target.namespace.as_deref()).into_iter().filter(|o| selection.matches(o)).collect();
+            let items: Vec<Value> = store
+                .list(&ty, target.namespace.as_deref())
+                .into_iter()
+                .filter(|o| selection.matches(o))
+                .collect();
             let rv = store.resource_version();
             if wants_table {
-                return Ok(json_response(StatusCode::OK, &table::table(&ty, &items, rv, include)));
+                return Ok(json_response(
+                    StatusCode::OK,
+                    &table::table(&ty, &items, rv, include),
+                ));
             }
             Ok(json_response(
                 StatusCode::OK,
@@ -254,7 +317,10 @@ async fn serve(
             }
             if wants_table {
                 let rv = store.resource_version();
-                return Ok(json_response(StatusCode::OK, &table::table(&ty, &[obj], rv, include)));
+                return Ok(json_response(
+                    StatusCode::OK,
+                    &table::table(&ty, &[obj], rv, include),
+                ));
             }
             Ok(json_response(StatusCode::OK, &obj))
         }
@@ -273,23 +339,31 @@ async fn serve(
                 let updated = store.update(&ty, &ns, name, current, None, &opts)?;
                 return Ok(json_response(StatusCode::OK, &scale_of(&updated)));
             }
-            let updated = store.update(&ty, &ns, name, obj, target.subresource.as_deref(), &opts)?;
+            let updated =
+                store.update(&ty, &ns, name, obj, target.subresource.as_deref(), &opts)?;
             Ok(json_response(StatusCode::OK, &updated))
         }
         (&Method::PATCH, Some(name)) => {
-            let content_type = headers.get(header::CONTENT_TYPE).and_then(|c| c.to_str().ok()).unwrap_or("");
+            let content_type = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|c| c.to_str().ok())
+                .unwrap_or("");
             let patch_type = match content_type.split(';').next().unwrap_or("").trim() {
                 "application/json-patch+json" => PatchType::Json,
                 "application/merge-patch+json" => PatchType::Merge,
                 "application/strategic-merge-patch+json" => PatchType::Strategic,
                 "application/apply-patch+yaml" | "application/apply-patch+json" => {
-                    PatchType::Apply { force: query.get("force").is_some_and(|f| f == "true") }
+                    PatchType::Apply {
+                        force: query.get("force").is_some_and(|f| f == "true"),
+                    }
                 }
                 other => {
                     return Err(ApiError::new(
                         415,
                         "UnsupportedMediaType",
-                        format!("the body of the request was in an unknown format ({other:?}) - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json"),
+                        format!(
+                            "the body of the request was in an unknown format ({other:?}) - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json"
+                        ),
                     ));
                 }
             };
@@ -306,12 +380,30 @@ async fn serve(
                     _ => crate::merge::merge_patch(&scale_of(&current), &patch),
                 };
                 let mut updated = current.clone();
-                updated["spec"]["replicas"] = scaled.pointer("/spec/replicas").cloned().unwrap_or(json!(0));
+                updated["spec"]["replicas"] = scaled
+                    .pointer("/spec/replicas")
+                    .cloned()
+                    .unwrap_or(json!(0));
                 let updated = store.update(&ty, &ns, name, updated, None, &opts)?;
                 return Ok(json_response(StatusCode::OK, &scale_of(&updated)));
             }
-            let (obj, created) = store.patch(&ty, &ns, name, &patch_type, &patch, target.subresource.as_deref(), &opts)?;
-            Ok(json_response(if created { StatusCode::CREATED } else { StatusCode::OK }, &obj))
+            let (obj, created) = store.patch(
+                &ty,
+                &ns,
+                name,
+                &patch_type,
+                &patch,
+                target.subresource.as_deref(),
+                &opts,
+            )?;
+            Ok(json_response(
+                if created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                },
+                &obj,
+            ))
         }
         (&Method::DELETE, Some(name)) => {
             let delete_opts = delete_options(query, body)?;
@@ -320,16 +412,33 @@ async fn serve(
         }
         (&Method::DELETE, None) => {
             let delete_opts = delete_options(query, body)?;
-            let labels = LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))?;
-            let fields = FieldSelector::parse(query.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
-            let selection = Selection { labels, fields, namespace: target.namespace.clone() };
+            let labels =
+                LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))?;
+            let fields =
+                FieldSelector::parse(query.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
+            let selection = Selection {
+                labels,
+                fields,
+                namespace: target.namespace.clone(),
+            };
             let mut store = store()?;
-            let victims: Vec<Value> =
-                store.list(&ty, target.namespace.as_deref()).into_iter().filter(|o| selection.matches(o)).collect();
+            let victims: Vec<Value> = store
+                .list(&ty, target.namespace.as_deref())
+                .into_iter()
+                .filter(|o| selection.matches(o))
+                .collect();
             let mut deleted = Vec::new();
             for victim in victims {
-                let victim_ns = victim.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_owned();
-                let victim_name = victim.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_owned();
+                let victim_ns = victim
+                    .pointer("/metadata/namespace")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned();
+                let victim_name = victim
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned();
                 deleted.push(store.delete(&ty, &victim_ns, &victim_name, &delete_opts)?);
             }
             Ok(json_response(
@@ -338,21 +447,35 @@ async fn serve(
                         "metadata": {"resourceVersion": store.resource_version().to_string()}, "items": deleted}),
             ))
         }
-        _ => Err(ApiError::new(405, "MethodNotAllowed", format!("the server does not allow this method on the requested resource ({method})"))),
+        _ => Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            format!("the server does not allow this method on the requested resource ({method})"),
+        )),
     }
 }
 
 fn parse_json(body: &Bytes) -> Result<Value, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
 }
 
 fn parse_yaml(body: &Bytes) -> Result<Value, ApiError> {
-    let text = std::str::from_utf8(body).map_err(|_| ApiError::bad_request("the request body is not UTF-8"))?;
-    serde_saphyr::from_str(text).map_err(|e| ApiError::bad_request(format!("the request body is not valid YAML: {e}")))
+    let text = std::str::from_utf8(body)
+        .map_err(|_| ApiError::bad_request("the request body is not UTF-8"))?;
+    serde_saphyr::from_str(text)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid YAML: {e}")))
 }
 
-fn delete_options(query: &HashMap<String, String>, body: &Bytes) -> Result<DeleteOptions, ApiError> {
-    let body: Value = if body.is_empty() { json!({}) } else { parse_json(body)? };
+fn delete_options(
+    query: &HashMap<String, String>,
+    body: &Bytes,
+) -> Result<DeleteOptions, ApiError> {
+    let body: Value = if body.is_empty() {
+        json!({})
+    } else {
+        parse_json(body)?
+    };
     let propagation = query
         .get("propagationPolicy")
         .map(String::as_str)
@@ -365,11 +488,20 @@ fn delete_options(query: &HashMap<String, String>, body: &Bytes) -> Result<Delet
         _ => Propagation::Background,
     };
     let dry_run = query.get("dryRun").is_some_and(|v| v == "All")
-        || body.get("dryRun").and_then(Value::as_array).is_some_and(|d| d.iter().any(|v| v == "All"));
+        || body
+            .get("dryRun")
+            .and_then(Value::as_array)
+            .is_some_and(|d| d.iter().any(|v| v == "All"));
     Ok(DeleteOptions {
         propagation,
-        precondition_uid: body.pointer("/preconditions/uid").and_then(Value::as_str).map(str::to_owned),
-        precondition_rv: body.pointer("/preconditions/resourceVersion").and_then(Value::as_str).map(str::to_owned),
+        precondition_uid: body
+            .pointer("/preconditions/uid")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        precondition_rv: body
+            .pointer("/preconditions/resourceVersion")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
         dry_run,
     })
 }
@@ -379,7 +511,12 @@ fn scale_of(obj: &Value) -> Value {
     let selector = obj
         .pointer("/spec/selector/matchLabels")
         .and_then(Value::as_object)
-        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect::<Vec<_>>().join(","))
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
         .unwrap_or_default();
     let meta = obj.get("metadata").cloned().unwrap_or(json!({}));
     json!({
@@ -404,14 +541,23 @@ struct Selection {
 impl Selection {
     fn matches(&self, obj: &Value) -> bool {
         let in_namespace = self.namespace.as_deref().is_none_or(|ns| {
-            obj.pointer("/metadata/namespace").and_then(Value::as_str).is_none_or(|o| o == ns)
+            obj.pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .is_none_or(|o| o == ns)
         });
-        in_namespace && self.labels.matches(obj.pointer("/metadata/labels")) && self.fields.matches(obj)
+        in_namespace
+            && self.labels.matches(obj.pointer("/metadata/labels"))
+            && self.fields.matches(obj)
     }
 
     /// What a watcher of this selection sees for a change: moves across the selector become ADDED/DELETED.
     fn view(&self, ty: &ResourceType, event: &WatchEvent) -> Option<(EventType, Value)> {
-        if event.key != ty.key() || self.namespace.as_deref().is_some_and(|ns| ty.namespaced && ns != event.namespace) {
+        if event.key != ty.key()
+            || self
+                .namespace
+                .as_deref()
+                .is_some_and(|ns| ty.namespaced && ns != event.namespace)
+        {
             return None;
         }
         let now = self.matches(&event.object);
@@ -431,7 +577,8 @@ impl Selection {
 }
 
 fn event_line(type_: &str, object: &Value) -> Bytes {
-    let mut line = serde_json::to_vec(&json!({"type": type_, "object": object})).unwrap_or_default();
+    let mut line =
+        serde_json::to_vec(&json!({"type": type_, "object": object})).unwrap_or_default();
     line.push(b'\n');
     Bytes::from(line)
 }
@@ -443,7 +590,9 @@ fn watch(
     query: &HashMap<String, String>,
     table_mode: Option<IncludeObject>,
 ) -> Result<Response, ApiError> {
-    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+    let bookmarks = query
+        .get("allowWatchBookmarks")
+        .is_some_and(|b| b == "true");
     let send_initial = query.get("sendInitialEvents").is_some_and(|b| b == "true");
     let timeout = query
         .get("timeoutSeconds")
@@ -456,26 +605,32 @@ fn watch(
         let store = shared.store()?;
         let events = store.subscribe();
         let current_rv = store.resource_version();
-        let initial: Vec<(EventType, Value)> = if requested_rv.is_empty() || requested_rv == "0" || send_initial {
-            store
-                .list(&ty, selection.namespace.as_deref())
-                .into_iter()
-                .filter(|o| selection.matches(o))
-                .map(|o| (EventType::Added, o))
-                .collect()
-        } else {
-            let rv = requested_rv
-                .parse::<u64>()
-                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {requested_rv:?}")))?;
-            match store.events_since(rv) {
-                Ok(events) => events.iter().filter_map(|e| selection.view(&ty, e)).collect(),
-                Err(gone) => {
-                    // A real API server answers 200 and reports the expiry as the only event.
-                    let line = event_line("ERROR", &gone.to_status());
-                    return Ok(stream_response(futures::stream::once(async move { Ok(line) })));
+        let initial: Vec<(EventType, Value)> =
+            if requested_rv.is_empty() || requested_rv == "0" || send_initial {
+                store
+                    .list(&ty, selection.namespace.as_deref())
+                    .into_iter()
+                    .filter(|o| selection.matches(o))
+                    .map(|o| (EventType::Added, o))
+                    .collect()
+            } else {
+                let rv = requested_rv.parse::<u64>().map_err(|_| {
+                    ApiError::bad_request(format!("invalid resourceVersion {requested_rv:?}"))
+                })?;
+                match store.events_since(rv) {
+                    Ok(events) => events
+                        .iter()
+                        .filter_map(|e| selection.view(&ty, e))
+                        .collect(),
+                    Err(gone) => {
+                        // A real API server answers 200 and reports the expiry as the only event.
+                        let line = event_line("ERROR", &gone.to_status());
+                        return Ok(stream_response(futures::stream::once(
+                            async move { Ok(line) },
+                        )));
+                    }
                 }
-            }
-        };
+            };
         (initial, events, current_rv)
     };
     let bookmark_interval = shared.config.bookmark_interval;
@@ -490,7 +645,10 @@ fn watch(
             if initial_end {
                 metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
             }
-            event_line("BOOKMARK", &json!({"kind": ty.kind, "apiVersion": ty.api_version(), "metadata": metadata}))
+            event_line(
+                "BOOKMARK",
+                &json!({"kind": ty.kind, "apiVersion": ty.api_version(), "metadata": metadata}),
+            )
         };
         for (type_, object) in initial {
             if tx.send(render(type_, object, last_rv)).await.is_err() {
@@ -532,7 +690,9 @@ fn watch(
             }
         }
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|line| (Ok(line), rx)) });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|line| (Ok(line), rx))
+    });
     Ok(stream_response(stream))
 }
 

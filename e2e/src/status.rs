@@ -16,20 +16,33 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { code, reason, message: message.into(), details: Value::Null }
+        ApiError {
+            code,
+            reason,
+            message: message.into(),
+            details: Value::Null,
+        }
     }
 
     pub fn not_found(ty: &ResourceType, name: &str) -> ApiError {
         ApiError {
             details: json!({"name": name, "group": ty.group, "kind": ty.plural}),
-            ..ApiError::new(404, "NotFound", format!("{} \"{name}\" not found", ty.qualified_name()))
+            ..ApiError::new(
+                404,
+                "NotFound",
+                format!("{} \"{name}\" not found", ty.qualified_name()),
+            )
         }
     }
 
     pub fn already_exists(ty: &ResourceType, name: &str) -> ApiError {
         ApiError {
             details: json!({"name": name, "group": ty.group, "kind": ty.plural}),
-            ..ApiError::new(409, "AlreadyExists", format!("{} \"{name}\" already exists", ty.qualified_name()))
+            ..ApiError::new(
+                409,
+                "AlreadyExists",
+                format!("{} \"{name}\" already exists", ty.qualified_name()),
+            )
         }
     }
 
@@ -39,16 +52,34 @@ impl ApiError {
             ..ApiError::new(
                 409,
                 "Conflict",
-                format!("Operation cannot be fulfilled on {} \"{name}\": {why}", ty.qualified_name()),
+                format!(
+                    "Operation cannot be fulfilled on {} \"{name}\": {why}",
+                    ty.qualified_name()
+                ),
             )
         }
     }
 
     /// 422 with one cause per field, worded like the API server: `Kind.group "name" is invalid: field: message`.
-    pub fn invalid(ty: &ResourceType, name: &str, causes: Vec<(String, &'static str, String)>) -> ApiError {
-        let listed: Vec<String> = causes.iter().map(|(field, _, message)| format!("{field}: {message}")).collect();
-        let summary = if listed.len() == 1 { listed[0].clone() } else { format!("[{}]", listed.join(", ")) };
-        let group_kind = if ty.group.is_empty() { ty.kind.clone() } else { format!("{}.{}", ty.kind, ty.group) };
+    pub fn invalid(
+        ty: &ResourceType,
+        name: &str,
+        causes: Vec<(String, &'static str, String)>,
+    ) -> ApiError {
+        let listed: Vec<String> = causes
+            .iter()
+            .map(|(field, _, message)| format!("{field}: {message}"))
+            .collect();
+        let summary = if listed.len() == 1 {
+            listed[0].clone()
+        } else {
+            format!("[{}]", listed.join(", "))
+        };
+        let group_kind = if ty.group.is_empty() {
+            ty.kind.clone()
+        } else {
+            format!("{}.{}", ty.kind, ty.group)
+        };
         ApiError {
             details: json!({
                 "name": name,
@@ -58,7 +89,11 @@ impl ApiError {
                     "reason": reason, "message": message, "field": field,
                 })).collect::<Vec<_>>(),
             }),
-            ..ApiError::new(422, "Invalid", format!("{group_kind} \"{name}\" is invalid: {summary}"))
+            ..ApiError::new(
+                422,
+                "Invalid",
+                format!("{group_kind} \"{name}\" is invalid: {summary}"),
+            )
         }
     }
 

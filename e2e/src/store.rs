@@ -93,7 +93,10 @@ pub struct Store {
 }
 
 pub fn now_rfc3339() -> String {
-    jiff::Timestamp::now().round(jiff::Unit::Second).map(|t| t.to_string()).unwrap_or_default()
+    jiff::Timestamp::now()
+        .round(jiff::Unit::Second)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
 }
 
 const NAME_RULE: &str = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character";
@@ -102,13 +105,17 @@ fn valid_name(name: &str) -> bool {
     let bytes = name.as_bytes();
     !name.is_empty()
         && name.len() <= 253
-        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-' || *b == b'.')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-' || *b == b'.')
         && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
         && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
 }
 
 fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
-    obj.get("metadata").and_then(|m| m.get(field)).and_then(Value::as_str)
+    obj.get("metadata")
+        .and_then(|m| m.get(field))
+        .and_then(Value::as_str)
 }
 
 fn metadata_mut(obj: &mut Value) -> &mut Map<String, Value> {
@@ -167,7 +174,8 @@ impl Store {
         };
         if let Some(ns_type) = store.registry.get("", "v1", "namespaces") {
             for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
-                let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+                let obj =
+                    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
                 if let Err(err) = store.create(&ns_type, "", obj, &WriteOptions::default()) {
                     tracing::error!(namespace = ns, %err, "could not create a default namespace");
                 }
@@ -200,7 +208,11 @@ impl Store {
     }
 
     fn path_for(ty: &ResourceType, namespace: &str) -> String {
-        if ty.namespaced { namespace.to_owned() } else { String::new() }
+        if ty.namespaced {
+            namespace.to_owned()
+        } else {
+            String::new()
+        }
     }
 
     pub fn get(&self, ty: &ResourceType, namespace: &str, name: &str) -> Result<Value, ApiError> {
@@ -217,7 +229,9 @@ impl Store {
             .get(&ty.key())
             .map(|m| {
                 m.iter()
-                    .filter(|((ns, _), _)| namespace.is_none_or(|want| !ty.namespaced || ns == want))
+                    .filter(|((ns, _), _)| {
+                        namespace.is_none_or(|want| !ty.namespaced || ns == want)
+                    })
                     .map(|(_, obj)| self.served_as(ty, obj))
                     .collect()
             })
@@ -234,16 +248,28 @@ impl Store {
 
     fn new_uid(&mut self) -> String {
         self.next_uid += 1;
-        format!("{:08x}-5a1c-4e00-8000-{:012x}", self.uid_salt, self.next_uid)
+        format!(
+            "{:08x}-5a1c-4e00-8000-{:012x}",
+            self.uid_salt, self.next_uid
+        )
     }
 
     fn namespace_state(&self, namespace: &str) -> Option<&Value> {
         self.objects
-            .get(&TypeKey { group: String::new(), resource: "namespaces".into() })
+            .get(&TypeKey {
+                group: String::new(),
+                resource: "namespaces".into(),
+            })
             .and_then(|m| m.get(&(String::new(), namespace.to_owned())))
     }
 
-    pub fn create(&mut self, ty: &ResourceType, namespace: &str, obj: Value, opts: &WriteOptions) -> Result<Value, ApiError> {
+    pub fn create(
+        &mut self,
+        ty: &ResourceType,
+        namespace: &str,
+        obj: Value,
+        opts: &WriteOptions,
+    ) -> Result<Value, ApiError> {
         self.create_inner(ty, namespace, obj, opts, None)
     }
 
@@ -256,7 +282,9 @@ impl Store {
         managed_fields: Option<Vec<Value>>,
     ) -> Result<Value, ApiError> {
         if !obj.is_object() {
-            return Err(ApiError::bad_request("the request body must be a JSON object"));
+            return Err(ApiError::bad_request(
+                "the request body must be a JSON object",
+            ));
         }
         self.check_kind(ty, &obj)?;
         let namespace = Self::path_for(ty, namespace);
@@ -265,19 +293,27 @@ impl Store {
                 None => {
                     return Err(ApiError {
                         details: json!({"name": namespace, "kind": "namespaces"}),
-                        ..ApiError::new(404, "NotFound", format!("namespaces \"{namespace}\" not found"))
+                        ..ApiError::new(
+                            404,
+                            "NotFound",
+                            format!("namespaces \"{namespace}\" not found"),
+                        )
                     });
                 }
                 Some(ns) if ns.pointer("/metadata/deletionTimestamp").is_some() => {
                     return Err(ApiError::new(
                         403,
                         "Forbidden",
-                        format!("unable to create new content in namespace {namespace} because it is being terminated"),
+                        format!(
+                            "unable to create new content in namespace {namespace} because it is being terminated"
+                        ),
                     ));
                 }
                 Some(_) => {}
             }
-            if let Some(given) = meta_str(&obj, "namespace").filter(|n| !n.is_empty() && *n != namespace) {
+            if let Some(given) =
+                meta_str(&obj, "namespace").filter(|n| !n.is_empty() && *n != namespace)
+            {
                 return Err(ApiError::bad_request(format!(
                     "the namespace of the provided object ({given}) does not match the namespace sent on the request ({namespace})"
                 )));
@@ -287,21 +323,33 @@ impl Store {
             (Some(name), _) if !name.is_empty() => name.to_owned(),
             (_, Some(prefix)) if !prefix.is_empty() => format!("{prefix}{}", self.name_suffix()),
             _ => {
-                return Err(ApiError::invalid(ty, "", vec![(
-                    "metadata.name".into(),
-                    "FieldValueRequired",
-                    "Required value: name or generateName is required".into(),
-                )]));
+                return Err(ApiError::invalid(
+                    ty,
+                    "",
+                    vec![(
+                        "metadata.name".into(),
+                        "FieldValueRequired",
+                        "Required value: name or generateName is required".into(),
+                    )],
+                ));
             }
         };
         if !valid_name(&name) {
-            return Err(ApiError::invalid(ty, &name, vec![(
-                "metadata.name".into(),
-                "FieldValueInvalid",
-                format!("Invalid value: \"{name}\": {NAME_RULE}"),
-            )]));
+            return Err(ApiError::invalid(
+                ty,
+                &name,
+                vec![(
+                    "metadata.name".into(),
+                    "FieldValueInvalid",
+                    format!("Invalid value: \"{name}\": {NAME_RULE}"),
+                )],
+            ));
         }
-        if self.objects.get(&ty.key()).is_some_and(|m| m.contains_key(&(namespace.clone(), name.clone()))) {
+        if self
+            .objects
+            .get(&ty.key())
+            .is_some_and(|m| m.contains_key(&(namespace.clone(), name.clone())))
+        {
             return Err(ApiError::already_exists(ty, &name));
         }
         let now = now_rfc3339();
@@ -313,7 +361,12 @@ impl Store {
             } else {
                 meta.remove("namespace");
             }
-            for server_owned in ["deletionTimestamp", "deletionGracePeriodSeconds", "resourceVersion", "selfLink"] {
+            for server_owned in [
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "resourceVersion",
+                "selfLink",
+            ] {
                 meta.remove(server_owned);
             }
             meta.insert("creationTimestamp".into(), Value::String(now.clone()));
@@ -346,8 +399,12 @@ impl Store {
         }
         self.rv += 1;
         metadata_mut(&mut obj).insert("resourceVersion".into(), Value::String(self.rv.to_string()));
-        self.uids.insert(uid, (ty.key(), namespace.clone(), name.clone()));
-        self.objects.entry(ty.key()).or_default().insert((namespace.clone(), name), obj.clone());
+        self.uids
+            .insert(uid, (ty.key(), namespace.clone(), name.clone()));
+        self.objects
+            .entry(ty.key())
+            .or_default()
+            .insert((namespace.clone(), name), obj.clone());
         self.record(ty, &namespace, EventType::Added, obj.clone(), None);
         if ty.plural == "customresourcedefinitions" && ty.group == "apiextensions.k8s.io" {
             self.register_crd(ty, &obj)?;
@@ -374,7 +431,10 @@ impl Store {
 
     fn check_kind(&self, ty: &ResourceType, obj: &Value) -> Result<(), ApiError> {
         let kind = obj.get("kind").and_then(Value::as_str).unwrap_or(&ty.kind);
-        let api_version = obj.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
+        let api_version = obj
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let group = api_version.split_once('/').map(|(g, _)| g).unwrap_or("");
         if kind != ty.kind || (!api_version.is_empty() && group != ty.group) {
             return Err(ApiError::bad_request(format!(
@@ -387,33 +447,62 @@ impl Store {
     }
 
     /// Schema validation for custom resources, basic field rules for the built-in kinds kubectl users meet.
-    fn admit(&self, ty: &ResourceType, obj: Value, old: Option<&Value>, strict: bool) -> Result<Value, ApiError> {
+    fn admit(
+        &self,
+        ty: &ResourceType,
+        obj: Value,
+        old: Option<&Value>,
+        strict: bool,
+    ) -> Result<Value, ApiError> {
         let name = meta_str(&obj, "name").unwrap_or_default().to_owned();
         let admitted = match &ty.schema {
             Some(schema) => schema.admit(obj, old, strict).map_err(|errors| {
                 ApiError::invalid(
                     ty,
                     &name,
-                    errors.iter().map(|e| (e.field.clone(), e.reason(), e.body())).collect(),
+                    errors
+                        .iter()
+                        .map(|e| (e.field.clone(), e.reason(), e.body()))
+                        .collect(),
                 )
             })?,
             None => obj,
         };
         let causes = builtin_validation(ty, &admitted);
-        if causes.is_empty() { Ok(admitted) } else { Err(ApiError::invalid(ty, &name, causes)) }
+        if causes.is_empty() {
+            Ok(admitted)
+        } else {
+            Err(ApiError::invalid(ty, &name, causes))
+        }
     }
 
     fn check_crd(&self, ty: &ResourceType, crd: &Value) -> Result<(), ApiError> {
-        crate::registry::crd_types(crd).map(|_| ()).map_err(|errors| {
-            let name = meta_str(crd, "name").unwrap_or_default();
-            ApiError::invalid(ty, name, errors.into_iter().map(|(f, m)| (f, "FieldValueInvalid", m)).collect())
-        })
+        crate::registry::crd_types(crd)
+            .map(|_| ())
+            .map_err(|errors| {
+                let name = meta_str(crd, "name").unwrap_or_default();
+                ApiError::invalid(
+                    ty,
+                    name,
+                    errors
+                        .into_iter()
+                        .map(|(f, m)| (f, "FieldValueInvalid", m))
+                        .collect(),
+                )
+            })
     }
 
     fn register_crd(&mut self, ty: &ResourceType, crd: &Value) -> Result<(), ApiError> {
         self.registry.register_crd(crd).map_err(|errors| {
             let name = meta_str(crd, "name").unwrap_or_default();
-            ApiError::invalid(ty, name, errors.into_iter().map(|(f, m)| (f, "FieldValueInvalid", m)).collect())
+            ApiError::invalid(
+                ty,
+                name,
+                errors
+                    .into_iter()
+                    .map(|(f, m)| (f, "FieldValueInvalid", m))
+                    .collect(),
+            )
         })
     }
 
@@ -434,11 +523,18 @@ impl Store {
                 }
             }
             ("", "services") => {
-                let cluster_ip = format!("10.96.{}.{}", self.next_cluster_ip / 250, self.next_cluster_ip % 250 + 1);
+                let cluster_ip = format!(
+                    "10.96.{}.{}",
+                    self.next_cluster_ip / 250,
+                    self.next_cluster_ip % 250 + 1
+                );
                 let spec = ensure_object(obj, "spec");
                 spec.entry("type").or_insert(json!("ClusterIP"));
                 spec.entry("sessionAffinity").or_insert(json!("None"));
-                if spec.get("clusterIP").is_none_or(|ip| ip.as_str() == Some("")) {
+                if spec
+                    .get("clusterIP")
+                    .is_none_or(|ip| ip.as_str() == Some(""))
+                {
                     spec.insert("clusterIP".into(), json!(cluster_ip));
                     spec.insert("clusterIPs".into(), json!([cluster_ip]));
                     self.next_cluster_ip += 1;
@@ -490,7 +586,9 @@ impl Store {
         managed_fields: Option<Vec<Value>>,
     ) -> Result<Value, ApiError> {
         if !obj.is_object() {
-            return Err(ApiError::bad_request("the request body must be a JSON object"));
+            return Err(ApiError::bad_request(
+                "the request body must be a JSON object",
+            ));
         }
         self.check_kind(ty, &obj)?;
         let namespace = Self::path_for(ty, namespace);
@@ -506,7 +604,9 @@ impl Store {
                 "the name of the object ({given}) does not match the name on the URL ({name})"
             )));
         }
-        let current_rv = meta_str(&old, "resourceVersion").unwrap_or_default().to_owned();
+        let current_rv = meta_str(&old, "resourceVersion")
+            .unwrap_or_default()
+            .to_owned();
         if let Some(rv) = meta_str(&obj, "resourceVersion").filter(|rv| !rv.is_empty()) {
             if rv != current_rv {
                 return Err(ApiError::conflict(
@@ -518,7 +618,11 @@ impl Store {
         }
         if let Some(uid) = meta_str(&obj, "uid").filter(|u| !u.is_empty()) {
             if Some(uid) != meta_str(&old, "uid") {
-                return Err(ApiError::conflict(ty, name, "Precondition failed: UID in precondition does not match the object"));
+                return Err(ApiError::conflict(
+                    ty,
+                    name,
+                    "Precondition failed: UID in precondition does not match the object",
+                ));
             }
         }
         match subresource {
@@ -537,7 +641,14 @@ impl Store {
             }
             _ => {
                 // Server-owned metadata survives whatever the client sent.
-                for field in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation", "namespace"] {
+                for field in [
+                    "uid",
+                    "creationTimestamp",
+                    "deletionTimestamp",
+                    "deletionGracePeriodSeconds",
+                    "generation",
+                    "namespace",
+                ] {
                     match old.get("metadata").and_then(|m| m.get(field)) {
                         Some(v) => {
                             metadata_mut(&mut obj).insert(field.into(), v.clone());
@@ -561,34 +672,67 @@ impl Store {
             }
         }
         if old.pointer("/metadata/deletionTimestamp").is_some() {
-            let old_finalizers = old.pointer("/metadata/finalizers").and_then(Value::as_array).cloned().unwrap_or_default();
-            let new_finalizers = obj.pointer("/metadata/finalizers").and_then(Value::as_array).cloned().unwrap_or_default();
+            let old_finalizers = old
+                .pointer("/metadata/finalizers")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let new_finalizers = obj
+                .pointer("/metadata/finalizers")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
             if new_finalizers.iter().any(|f| !old_finalizers.contains(f)) {
-                return Err(ApiError::invalid(ty, name, vec![(
-                    "metadata.finalizers".into(),
-                    "FieldValueForbidden",
-                    "Forbidden: no new finalizers can be added if the object is being deleted".into(),
-                )]));
+                return Err(ApiError::invalid(
+                    ty,
+                    name,
+                    vec![(
+                        "metadata.finalizers".into(),
+                        "FieldValueForbidden",
+                        "Forbidden: no new finalizers can be added if the object is being deleted"
+                            .into(),
+                    )],
+                ));
             }
         }
         let mut obj = self.admit(ty, obj, Some(&old), opts.strict)?;
         if ty.tracks_generation && generation_relevant(ty, &obj) != generation_relevant(ty, &old) {
-            let generation = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0) + 1;
+            let generation = old
+                .pointer("/metadata/generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(0)
+                + 1;
             metadata_mut(&mut obj).insert("generation".into(), json!(generation));
         }
         let now = now_rfc3339();
         let managed = match managed_fields {
             Some(fields) => fields,
             None => {
-                let previous = old.pointer("/metadata/managedFields").and_then(Value::as_array).cloned().unwrap_or_default();
-                merge::record_update(Some(&old), &obj, &previous, Self::manager(opts), &now, subresource)
+                let previous = old
+                    .pointer("/metadata/managedFields")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                merge::record_update(
+                    Some(&old),
+                    &obj,
+                    &previous,
+                    Self::manager(opts),
+                    &now,
+                    subresource,
+                )
             }
         };
         set_managed_fields(&mut obj, managed);
         let is_crd = ty.plural == "customresourcedefinitions" && ty.group == "apiextensions.k8s.io";
         if is_crd && subresource.is_none() {
             self.check_crd(ty, &obj)?;
-            obj["status"] = crd_status(&obj, old.pointer("/metadata/creationTimestamp").and_then(Value::as_str).unwrap_or(&now));
+            obj["status"] = crd_status(
+                &obj,
+                old.pointer("/metadata/creationTimestamp")
+                    .and_then(Value::as_str)
+                    .unwrap_or(&now),
+            );
         }
         metadata_mut(&mut obj).insert("resourceVersion".into(), Value::String(current_rv));
         if same_content(&obj, &old) {
@@ -601,12 +745,18 @@ impl Store {
         self.rv += 1;
         metadata_mut(&mut obj).insert("resourceVersion".into(), Value::String(self.rv.to_string()));
         let finalized = obj.pointer("/metadata/deletionTimestamp").is_some()
-            && obj.pointer("/metadata/finalizers").and_then(Value::as_array).is_none_or(Vec::is_empty);
+            && obj
+                .pointer("/metadata/finalizers")
+                .and_then(Value::as_array)
+                .is_none_or(Vec::is_empty);
         if finalized {
             self.remove(ty, &namespace, name, Propagation::Background);
             return Ok(self.served_as(ty, &obj));
         }
-        self.objects.entry(ty.key()).or_default().insert(key, obj.clone());
+        self.objects
+            .entry(ty.key())
+            .or_default()
+            .insert(key, obj.clone());
         self.record(ty, &namespace, EventType::Modified, obj.clone(), Some(old));
         if is_crd {
             self.register_crd(ty, &obj)?;
@@ -659,14 +809,23 @@ impl Store {
         };
         match patch_type {
             PatchType::Apply { force } => {
-                let manager = opts
-                    .field_manager
-                    .clone()
-                    .ok_or_else(|| ApiError::bad_request("PATCH with apply requires the fieldManager query parameter"))?;
-                if patch.get("apiVersion").and_then(Value::as_str).is_none_or(str::is_empty)
-                    || patch.get("kind").and_then(Value::as_str).is_none_or(str::is_empty)
+                let manager = opts.field_manager.clone().ok_or_else(|| {
+                    ApiError::bad_request(
+                        "PATCH with apply requires the fieldManager query parameter",
+                    )
+                })?;
+                if patch
+                    .get("apiVersion")
+                    .and_then(Value::as_str)
+                    .is_none_or(str::is_empty)
+                    || patch
+                        .get("kind")
+                        .and_then(Value::as_str)
+                        .is_none_or(str::is_empty)
                 {
-                    return Err(ApiError::bad_request("apiVersion and kind must be set in an applied configuration"));
+                    return Err(ApiError::bad_request(
+                        "apiVersion and kind must be set in an applied configuration",
+                    ));
                 }
                 if let Some(given) = meta_str(patch, "name").filter(|n| *n != name) {
                     return Err(ApiError::bad_request(format!(
@@ -675,20 +834,43 @@ impl Store {
                 }
                 match current {
                     Ok(live) => {
-                        let outcome = merge::server_side_apply(Some(&live), patch, &manager, *force, &now, subresource)
-                            .map_err(invalid_patch)?;
+                        let outcome = merge::server_side_apply(
+                            Some(&live),
+                            patch,
+                            &manager,
+                            *force,
+                            &now,
+                            subresource,
+                        )
+                        .map_err(invalid_patch)?;
                         let mut object = outcome.object;
                         metadata_mut(&mut object).remove("resourceVersion");
-                        let updated = self.update_inner(ty, namespace, name, object, subresource, opts, Some(outcome.managed_fields))?;
+                        let updated = self.update_inner(
+                            ty,
+                            namespace,
+                            name,
+                            object,
+                            subresource,
+                            opts,
+                            Some(outcome.managed_fields),
+                        )?;
                         Ok((updated, false))
                     }
                     Err(not_found) if subresource.is_some() => Err(not_found),
                     Err(_) => {
                         let outcome =
-                            merge::server_side_apply(None, patch, &manager, *force, &now, None).map_err(invalid_patch)?;
+                            merge::server_side_apply(None, patch, &manager, *force, &now, None)
+                                .map_err(invalid_patch)?;
                         let mut object = outcome.object;
-                        metadata_mut(&mut object).insert("name".into(), Value::String(name.to_owned()));
-                        let created = self.create_inner(ty, namespace, object, opts, Some(outcome.managed_fields))?;
+                        metadata_mut(&mut object)
+                            .insert("name".into(), Value::String(name.to_owned()));
+                        let created = self.create_inner(
+                            ty,
+                            namespace,
+                            object,
+                            opts,
+                            Some(outcome.managed_fields),
+                        )?;
                         Ok((created, true))
                     }
                 }
@@ -705,17 +887,26 @@ impl Store {
                             "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml",
                         ));
                     }
-                    PatchType::Strategic => merge::strategic_merge(&live, patch).map_err(invalid_patch)?,
+                    PatchType::Strategic => {
+                        merge::strategic_merge(&live, patch).map_err(invalid_patch)?
+                    }
                     PatchType::Apply { .. } => unreachable!("handled above"),
                 };
-                let updated = self.update_inner(ty, namespace, name, patched, subresource, opts, None)?;
+                let updated =
+                    self.update_inner(ty, namespace, name, patched, subresource, opts, None)?;
                 Ok((updated, false))
             }
         }
     }
 
     /// Deletes an object: at once without finalizers, else marks it with `deletionTimestamp`.
-    pub fn delete(&mut self, ty: &ResourceType, namespace: &str, name: &str, opts: &DeleteOptions) -> Result<Value, ApiError> {
+    pub fn delete(
+        &mut self,
+        ty: &ResourceType,
+        namespace: &str,
+        name: &str,
+        opts: &DeleteOptions,
+    ) -> Result<Value, ApiError> {
         let namespace = Self::path_for(ty, namespace);
         let current = self
             .objects
@@ -725,19 +916,29 @@ impl Store {
             .ok_or_else(|| ApiError::not_found(ty, name))?;
         if let Some(uid) = &opts.precondition_uid {
             if Some(uid.as_str()) != meta_str(&current, "uid") {
-                return Err(ApiError::conflict(ty, name, "Precondition failed: UID in precondition does not match the object"));
+                return Err(ApiError::conflict(
+                    ty,
+                    name,
+                    "Precondition failed: UID in precondition does not match the object",
+                ));
             }
         }
         if let Some(rv) = &opts.precondition_rv {
             if Some(rv.as_str()) != meta_str(&current, "resourceVersion") {
-                return Err(ApiError::conflict(ty, name, "Precondition failed: the object has been modified"));
+                return Err(ApiError::conflict(
+                    ty,
+                    name,
+                    "Precondition failed: the object has been modified",
+                ));
             }
         }
         if opts.dry_run {
             return Ok(self.served_as(ty, &current));
         }
-        let has_finalizers =
-            current.pointer("/metadata/finalizers").and_then(Value::as_array).is_some_and(|f| !f.is_empty());
+        let has_finalizers = current
+            .pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .is_some_and(|f| !f.is_empty());
         let is_namespace = ty.group.is_empty() && ty.plural == "namespaces";
         if has_finalizers || is_namespace {
             if current.pointer("/metadata/deletionTimestamp").is_some() {
@@ -755,9 +956,19 @@ impl Store {
                 marked["status"] = json!({"phase": "Terminating"});
             }
             self.rv += 1;
-            metadata_mut(&mut marked).insert("resourceVersion".into(), Value::String(self.rv.to_string()));
-            self.objects.entry(ty.key()).or_default().insert((namespace.clone(), name.to_owned()), marked.clone());
-            self.record(ty, &namespace, EventType::Modified, marked.clone(), Some(current));
+            metadata_mut(&mut marked)
+                .insert("resourceVersion".into(), Value::String(self.rv.to_string()));
+            self.objects
+                .entry(ty.key())
+                .or_default()
+                .insert((namespace.clone(), name.to_owned()), marked.clone());
+            self.record(
+                ty,
+                &namespace,
+                EventType::Modified,
+                marked.clone(),
+                Some(current),
+            );
             if is_namespace {
                 self.empty_namespace(name);
                 if !has_finalizers {
@@ -771,18 +982,31 @@ impl Store {
     }
 
     /// Removes an object for good, then collects what it owned.
-    fn remove(&mut self, ty: &ResourceType, namespace: &str, name: &str, propagation: Propagation) -> Option<Value> {
+    fn remove(
+        &mut self,
+        ty: &ResourceType,
+        namespace: &str,
+        name: &str,
+        propagation: Propagation,
+    ) -> Option<Value> {
         let uid = {
-            let current = self.objects.get(&ty.key())?.get(&(namespace.to_owned(), name.to_owned()))?;
+            let current = self
+                .objects
+                .get(&ty.key())?
+                .get(&(namespace.to_owned(), name.to_owned()))?;
             meta_str(current, "uid").unwrap_or_default().to_owned()
         };
         if propagation == Propagation::Foreground {
             self.collect_dependents(&uid, Propagation::Foreground);
         }
-        let mut removed = self.objects.get_mut(&ty.key())?.remove(&(namespace.to_owned(), name.to_owned()))?;
+        let mut removed = self
+            .objects
+            .get_mut(&ty.key())?
+            .remove(&(namespace.to_owned(), name.to_owned()))?;
         self.uids.remove(&uid);
         self.rv += 1;
-        metadata_mut(&mut removed).insert("resourceVersion".into(), Value::String(self.rv.to_string()));
+        metadata_mut(&mut removed)
+            .insert("resourceVersion".into(), Value::String(self.rv.to_string()));
         self.record(ty, namespace, EventType::Deleted, removed.clone(), None);
         if ty.group == "apiextensions.k8s.io" && ty.plural == "customresourcedefinitions" {
             self.drop_crd_objects(name);
@@ -801,30 +1025,53 @@ impl Store {
         let mut dependents = Vec::new();
         for (key, objects) in &self.objects {
             for ((ns, name), obj) in objects {
-                let refs = obj.pointer("/metadata/ownerReferences").and_then(Value::as_array);
-                if refs.is_some_and(|refs| refs.iter().any(|r| r.get("uid").and_then(Value::as_str) == Some(owner_uid))) {
+                let refs = obj
+                    .pointer("/metadata/ownerReferences")
+                    .and_then(Value::as_array);
+                if refs.is_some_and(|refs| {
+                    refs.iter()
+                        .any(|r| r.get("uid").and_then(Value::as_str) == Some(owner_uid))
+                }) {
                     dependents.push((key.clone(), ns.clone(), name.clone()));
                 }
             }
         }
         for (key, ns, name) in dependents {
-            let Some(ty) = self.registry.any_version(&key) else { continue };
-            let Some(obj) = self.objects.get(&key).and_then(|m| m.get(&(ns.clone(), name.clone()))).cloned() else {
+            let Some(ty) = self.registry.any_version(&key) else {
                 continue;
             };
-            let refs = obj.pointer("/metadata/ownerReferences").and_then(Value::as_array).cloned().unwrap_or_default();
+            let Some(obj) = self
+                .objects
+                .get(&key)
+                .and_then(|m| m.get(&(ns.clone(), name.clone())))
+                .cloned()
+            else {
+                continue;
+            };
+            let refs = obj
+                .pointer("/metadata/ownerReferences")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
             if propagation == Propagation::Orphan {
-                let kept: Vec<Value> =
-                    refs.into_iter().filter(|r| r.get("uid").and_then(Value::as_str) != Some(owner_uid)).collect();
+                let kept: Vec<Value> = refs
+                    .into_iter()
+                    .filter(|r| r.get("uid").and_then(Value::as_str) != Some(owner_uid))
+                    .collect();
                 let mut orphaned = obj.clone();
                 if kept.is_empty() {
                     metadata_mut(&mut orphaned).remove("ownerReferences");
                 } else {
-                    metadata_mut(&mut orphaned).insert("ownerReferences".into(), Value::Array(kept));
+                    metadata_mut(&mut orphaned)
+                        .insert("ownerReferences".into(), Value::Array(kept));
                 }
                 self.rv += 1;
-                metadata_mut(&mut orphaned).insert("resourceVersion".into(), Value::String(self.rv.to_string()));
-                self.objects.entry(key.clone()).or_default().insert((ns.clone(), name.clone()), orphaned.clone());
+                metadata_mut(&mut orphaned)
+                    .insert("resourceVersion".into(), Value::String(self.rv.to_string()));
+                self.objects
+                    .entry(key.clone())
+                    .or_default()
+                    .insert((ns.clone(), name.clone()), orphaned.clone());
                 self.record(&ty, &ns, EventType::Modified, orphaned, Some(obj));
                 continue;
             }
@@ -833,7 +1080,10 @@ impl Store {
                 .filter_map(|r| r.get("uid").and_then(Value::as_str))
                 .any(|uid| uid != owner_uid && self.uids.contains_key(uid));
             if !owners_left {
-                let opts = DeleteOptions { propagation, ..DeleteOptions::default() };
+                let opts = DeleteOptions {
+                    propagation,
+                    ..DeleteOptions::default()
+                };
                 if let Err(err) = self.delete(&ty, &ns, &name, &opts) {
                     tracing::warn!(%err, name, namespace = ns, "garbage collection could not delete a dependent");
                 }
@@ -842,11 +1092,18 @@ impl Store {
     }
 
     fn drop_crd_objects(&mut self, crd_name: &str) {
-        let types: Vec<Arc<ResourceType>> =
-            self.registry.all().filter(|t| t.crd.as_deref() == Some(crd_name)).cloned().collect();
+        let types: Vec<Arc<ResourceType>> = self
+            .registry
+            .all()
+            .filter(|t| t.crd.as_deref() == Some(crd_name))
+            .cloned()
+            .collect();
         if let Some(ty) = types.first() {
-            let names: Vec<(String, String)> =
-                self.objects.get(&ty.key()).map(|m| m.keys().cloned().collect()).unwrap_or_default();
+            let names: Vec<(String, String)> = self
+                .objects
+                .get(&ty.key())
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
             for (ns, name) in names {
                 self.remove(ty, &ns, &name, Propagation::Background);
             }
@@ -873,8 +1130,13 @@ impl Store {
     }
 
     fn finish_namespace_if_empty(&mut self, namespace: &str) {
-        let terminating = self.namespace_state(namespace).is_some_and(|ns| ns.pointer("/metadata/deletionTimestamp").is_some());
-        let empty = self.objects.values().all(|m| m.keys().all(|(ns, _)| ns != namespace));
+        let terminating = self
+            .namespace_state(namespace)
+            .is_some_and(|ns| ns.pointer("/metadata/deletionTimestamp").is_some());
+        let empty = self
+            .objects
+            .values()
+            .all(|m| m.keys().all(|(ns, _)| ns != namespace));
         if terminating && empty {
             if let Some(ty) = self.registry.get("", "v1", "namespaces") {
                 self.remove(&ty, "", namespace, Propagation::Background);
@@ -882,8 +1144,22 @@ impl Store {
         }
     }
 
-    fn record(&mut self, ty: &ResourceType, namespace: &str, type_: EventType, object: Value, prev: Option<Value>) {
-        let event = Arc::new(WatchEvent { rv: self.rv, key: ty.key(), namespace: namespace.to_owned(), type_, object, prev });
+    fn record(
+        &mut self,
+        ty: &ResourceType,
+        namespace: &str,
+        type_: EventType,
+        object: Value,
+        prev: Option<Value>,
+    ) {
+        let event = Arc::new(WatchEvent {
+            rv: self.rv,
+            key: ty.key(),
+            namespace: namespace.to_owned(),
+            type_,
+            object,
+            prev,
+        });
         self.history.push_back(event.clone());
         while self.history.len() > self.history_limit {
             if let Some(old) = self.history.pop_front() {
@@ -919,14 +1195,24 @@ fn builtin_validation(ty: &ResourceType, obj: &Value) -> Vec<(String, &'static s
     let mut causes = Vec::new();
     match (ty.group.as_str(), ty.plural.as_str()) {
         ("apps", "deployments" | "statefulsets" | "replicasets") => {
-            let selector = obj.pointer("/spec/selector/matchLabels").and_then(Value::as_object);
-            let labels = obj.pointer("/spec/template/metadata/labels").and_then(Value::as_object);
+            let selector = obj
+                .pointer("/spec/selector/matchLabels")
+                .and_then(Value::as_object);
+            let labels = obj
+                .pointer("/spec/template/metadata/labels")
+                .and_then(Value::as_object);
             match selector {
                 None if obj.pointer("/spec/selector").is_none() => {
-                    causes.push(("spec.selector".into(), "FieldValueRequired", "Required value".into()));
+                    causes.push((
+                        "spec.selector".into(),
+                        "FieldValueRequired",
+                        "Required value".into(),
+                    ));
                 }
                 Some(selector) => {
-                    let matches = selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
+                    let matches = selector
+                        .iter()
+                        .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
                     if !matches {
                         causes.push((
                             "spec.template.metadata.labels".into(),
@@ -940,8 +1226,16 @@ fn builtin_validation(ty: &ResourceType, obj: &Value) -> Vec<(String, &'static s
                 }
                 None => {}
             }
-            if obj.pointer("/spec/template/spec/containers").and_then(Value::as_array).is_none_or(Vec::is_empty) {
-                causes.push(("spec.template.spec.containers".into(), "FieldValueRequired", "Required value".into()));
+            if obj
+                .pointer("/spec/template/spec/containers")
+                .and_then(Value::as_array)
+                .is_none_or(Vec::is_empty)
+            {
+                causes.push((
+                    "spec.template.spec.containers".into(),
+                    "FieldValueRequired",
+                    "Required value".into(),
+                ));
             }
             if let Some(replicas) = obj.pointer("/spec/replicas").and_then(Value::as_i64) {
                 if replicas < 0 {
@@ -954,9 +1248,19 @@ fn builtin_validation(ty: &ResourceType, obj: &Value) -> Vec<(String, &'static s
             }
         }
         ("", "services") => {
-            let is_headless_or_external = obj.pointer("/spec/type").and_then(Value::as_str) == Some("ExternalName");
-            if !is_headless_or_external && obj.pointer("/spec/ports").and_then(Value::as_array).is_none_or(Vec::is_empty) {
-                causes.push(("spec.ports".into(), "FieldValueRequired", "Required value".into()));
+            let is_headless_or_external =
+                obj.pointer("/spec/type").and_then(Value::as_str) == Some("ExternalName");
+            if !is_headless_or_external
+                && obj
+                    .pointer("/spec/ports")
+                    .and_then(Value::as_array)
+                    .is_none_or(Vec::is_empty)
+            {
+                causes.push((
+                    "spec.ports".into(),
+                    "FieldValueRequired",
+                    "Required value".into(),
+                ));
             }
         }
         _ => {}

@@ -39,12 +39,22 @@ pub fn column_definitions(ty: &ResourceType) -> Vec<Value> {
 }
 
 pub fn row(ty: &ResourceType, obj: &Value, include: IncludeObject, now: jiff::Timestamp) -> Value {
-    let mut cells = vec![obj.pointer("/metadata/name").cloned().unwrap_or(Value::Null)];
+    let mut cells = vec![
+        obj.pointer("/metadata/name")
+            .cloned()
+            .unwrap_or(Value::Null),
+    ];
     for c in &ty.printer_columns {
         cells.push(match c.type_.as_str() {
             "ready" => {
-                let ready = obj.pointer("/status/readyReplicas").and_then(Value::as_i64).unwrap_or(0);
-                let want = obj.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(0);
+                let ready = obj
+                    .pointer("/status/readyReplicas")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(0);
+                let want = obj
+                    .pointer("/spec/replicas")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(0);
                 json!(format!("{ready}/{want}"))
             }
             "ports" => {
@@ -63,9 +73,16 @@ pub fn row(ty: &ResourceType, obj: &Value, include: IncludeObject, now: jiff::Ti
                             .collect()
                     })
                     .unwrap_or_default();
-                json!(if ports.is_empty() { "<none>".to_owned() } else { ports.join(",") })
+                json!(if ports.is_empty() {
+                    "<none>".to_owned()
+                } else {
+                    ports.join(",")
+                })
             }
-            "date" => match first_match(obj, &c.json_path).as_ref().and_then(Value::as_str) {
+            "date" => match first_match(obj, &c.json_path)
+                .as_ref()
+                .and_then(Value::as_str)
+            {
                 Some(stamp) => stamp
                     .parse::<jiff::Timestamp>()
                     .map(|t| json!(human_age(now.duration_since(t).as_secs())))
@@ -87,7 +104,12 @@ pub fn row(ty: &ResourceType, obj: &Value, include: IncludeObject, now: jiff::Ti
     json!({"cells": cells, "object": object})
 }
 
-pub fn table(ty: &ResourceType, objects: &[Value], resource_version: u64, include: IncludeObject) -> Value {
+pub fn table(
+    ty: &ResourceType,
+    objects: &[Value],
+    resource_version: u64,
+    include: IncludeObject,
+) -> Value {
     let now = jiff::Timestamp::now();
     json!({
         "kind": "Table",
@@ -104,8 +126,14 @@ fn first_match(obj: &Value, path: &str) -> Option<Value> {
     if path.is_empty() {
         return None;
     }
-    let query = if path.starts_with('$') { path.to_owned() } else { format!("${path}") };
-    obj.query(&query).ok().and_then(|found| found.first().map(|v| (*v).clone()))
+    let query = if path.starts_with('$') {
+        path.to_owned()
+    } else {
+        format!("${path}")
+    };
+    obj.query(&query)
+        .ok()
+        .and_then(|found| found.first().map(|v| (*v).clone()))
 }
 
 /// Ages as kubectl prints them: `45s`, `3m20s`, `12m`, `5h10m`, `3d`.
@@ -115,15 +143,27 @@ pub fn human_age(seconds: i64) -> String {
     if s < 120 {
         format!("{s}s")
     } else if m < 10 {
-        if s % 60 == 0 { format!("{m}m") } else { format!("{m}m{}s", s % 60) }
+        if s % 60 == 0 {
+            format!("{m}m")
+        } else {
+            format!("{m}m{}s", s % 60)
+        }
     } else if h < 3 {
         format!("{m}m")
     } else if h < 8 {
-        if m % 60 == 0 { format!("{h}h") } else { format!("{h}h{}m", m % 60) }
+        if m % 60 == 0 {
+            format!("{h}h")
+        } else {
+            format!("{h}h{}m", m % 60)
+        }
     } else if h < 48 {
         format!("{h}h")
     } else if d < 8 {
-        if h % 24 == 0 { format!("{d}d") } else { format!("{d}d{}h", h % 24) }
+        if h % 24 == 0 {
+            format!("{d}d")
+        } else {
+            format!("{d}d{}h", h % 24)
+        }
     } else if d < 730 {
         format!("{d}d")
     } else {
@@ -162,7 +202,9 @@ mod tests {
         });
         let mut registry = Registry::default();
         registry.register_crd(&crd).expect("valid CRD");
-        let ty = registry.get("example.com", "v1", "widgets").expect("registered");
+        let ty = registry
+            .get("example.com", "v1", "widgets")
+            .expect("registered");
         let obj = json!({"metadata": {"name": "w"}, "status": {"phase": "Progressing",
             "conditions": [{"type": "Other", "status": "False"}, {"type": "Ready", "status": "True"}]}});
         let r = row(&ty, &obj, IncludeObject::None, jiff::Timestamp::now());
