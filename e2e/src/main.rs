@@ -50,11 +50,11 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Some(path) = &args.kubeconfig {
-        if let Err(err) = sandbox.write_kubeconfig(path) {
-            eprintln!("error: cannot write kubeconfig {}: {err}", path.display());
-            return ExitCode::FAILURE;
-        }
+    if let Some(path) = &args.kubeconfig
+        && let Err(err) = sandbox.write_kubeconfig(path)
+    {
+        eprintln!("error: cannot write kubeconfig {}: {err}", path.display());
+        return ExitCode::FAILURE;
     }
     // Scripts wait for this line: it is printed only once the port accepts connections.
     println!("sluice-sandbox listening on {}", sandbox.url());

@@ -674,11 +674,10 @@ fn watch(
                 event = events.recv() => match event {
                     Ok(event) => {
                         last_rv = event.rv;
-                        if let Some((type_, object)) = selection.view(&ty, &event) {
-                            if tx.send(render(type_, object, last_rv)).await.is_err() {
+                        if let Some((type_, object)) = selection.view(&ty, &event)
+                            && tx.send(render(type_, object, last_rv)).await.is_err() {
                                 return;
                             }
-                        }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         let gone = ApiError::gone("the watch fell behind; list again and restart the watch");

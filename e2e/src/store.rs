@@ -378,10 +378,11 @@ impl Store {
         }
         let uid = self.new_uid();
         metadata_mut(&mut obj).insert("uid".into(), Value::String(uid.clone()));
-        if ty.status_subresource && ty.plural != "namespaces" {
-            if let Some(map) = obj.as_object_mut() {
-                map.remove("status");
-            }
+        if ty.status_subresource
+            && ty.plural != "namespaces"
+            && let Some(map) = obj.as_object_mut()
+        {
+            map.remove("status");
         }
         self.apply_builtin_defaults(ty, &mut obj);
         let mut obj = self.admit(ty, obj, None, opts.strict)?;
@@ -607,23 +608,23 @@ impl Store {
         let current_rv = meta_str(&old, "resourceVersion")
             .unwrap_or_default()
             .to_owned();
-        if let Some(rv) = meta_str(&obj, "resourceVersion").filter(|rv| !rv.is_empty()) {
-            if rv != current_rv {
-                return Err(ApiError::conflict(
-                    ty,
-                    name,
-                    "the object has been modified; please apply your changes to the latest version and try again",
-                ));
-            }
+        if let Some(rv) = meta_str(&obj, "resourceVersion").filter(|rv| !rv.is_empty())
+            && rv != current_rv
+        {
+            return Err(ApiError::conflict(
+                ty,
+                name,
+                "the object has been modified; please apply your changes to the latest version and try again",
+            ));
         }
-        if let Some(uid) = meta_str(&obj, "uid").filter(|u| !u.is_empty()) {
-            if Some(uid) != meta_str(&old, "uid") {
-                return Err(ApiError::conflict(
-                    ty,
-                    name,
-                    "Precondition failed: UID in precondition does not match the object",
-                ));
-            }
+        if let Some(uid) = meta_str(&obj, "uid").filter(|u| !u.is_empty())
+            && Some(uid) != meta_str(&old, "uid")
+        {
+            return Err(ApiError::conflict(
+                ty,
+                name,
+                "Precondition failed: UID in precondition does not match the object",
+            ));
         }
         match subresource {
             Some("status") => {
@@ -914,23 +915,23 @@ impl Store {
             .and_then(|m| m.get(&(namespace.clone(), name.to_owned())))
             .cloned()
             .ok_or_else(|| ApiError::not_found(ty, name))?;
-        if let Some(uid) = &opts.precondition_uid {
-            if Some(uid.as_str()) != meta_str(&current, "uid") {
-                return Err(ApiError::conflict(
-                    ty,
-                    name,
-                    "Precondition failed: UID in precondition does not match the object",
-                ));
-            }
+        if let Some(uid) = &opts.precondition_uid
+            && Some(uid.as_str()) != meta_str(&current, "uid")
+        {
+            return Err(ApiError::conflict(
+                ty,
+                name,
+                "Precondition failed: UID in precondition does not match the object",
+            ));
         }
-        if let Some(rv) = &opts.precondition_rv {
-            if Some(rv.as_str()) != meta_str(&current, "resourceVersion") {
-                return Err(ApiError::conflict(
-                    ty,
-                    name,
-                    "Precondition failed: the object has been modified",
-                ));
-            }
+        if let Some(rv) = &opts.precondition_rv
+            && Some(rv.as_str()) != meta_str(&current, "resourceVersion")
+        {
+            return Err(ApiError::conflict(
+                ty,
+                name,
+                "Precondition failed: the object has been modified",
+            ));
         }
         if opts.dry_run {
             return Ok(self.served_as(ty, &current));
@@ -1121,10 +1122,10 @@ impl Store {
             }
         }
         for (key, name) in victims {
-            if let Some(ty) = self.registry.any_version(&key) {
-                if let Err(err) = self.delete(&ty, namespace, &name, &DeleteOptions::default()) {
-                    tracing::debug!(%err, name, "namespace cleanup");
-                }
+            if let Some(ty) = self.registry.any_version(&key)
+                && let Err(err) = self.delete(&ty, namespace, &name, &DeleteOptions::default())
+            {
+                tracing::debug!(%err, name, "namespace cleanup");
             }
         }
     }
@@ -1137,10 +1138,11 @@ impl Store {
             .objects
             .values()
             .all(|m| m.keys().all(|(ns, _)| ns != namespace));
-        if terminating && empty {
-            if let Some(ty) = self.registry.get("", "v1", "namespaces") {
-                self.remove(&ty, "", namespace, Propagation::Background);
-            }
+        if terminating
+            && empty
+            && let Some(ty) = self.registry.get("", "v1", "namespaces")
+        {
+            self.remove(&ty, "", namespace, Propagation::Background);
         }
     }
 
@@ -1237,14 +1239,14 @@ fn builtin_validation(ty: &ResourceType, obj: &Value) -> Vec<(String, &'static s
                     "Required value".into(),
                 ));
             }
-            if let Some(replicas) = obj.pointer("/spec/replicas").and_then(Value::as_i64) {
-                if replicas < 0 {
-                    causes.push((
-                        "spec.replicas".into(),
-                        "FieldValueInvalid",
-                        format!("Invalid value: {replicas}: must be greater than or equal to 0"),
-                    ));
-                }
+            if let Some(replicas) = obj.pointer("/spec/replicas").and_then(Value::as_i64)
+                && replicas < 0
+            {
+                causes.push((
+                    "spec.replicas".into(),
+                    "FieldValueInvalid",
+                    format!("Invalid value: {replicas}: must be greater than or equal to 0"),
+                ));
             }
         }
         ("", "services") => {

@@ -15,19 +15,26 @@ use sluice::api::Rollout;
 use sluice_e2e::{Sandbox, SandboxConfig};
 
 async fn start(config: SandboxConfig) -> (Sandbox, Client) {
-    let sandbox = Sandbox::start(SocketAddr::from(([127, 0, 0, 1], 0)), config).await.expect("sandbox starts");
+    let sandbox = Sandbox::start(SocketAddr::from(([127, 0, 0, 1], 0)), config)
+        .await
+        .expect("sandbox starts");
     let kubeconfig: kube::config::Kubeconfig =
         serde_saphyr::from_str(&sandbox.kubeconfig()).expect("sandbox kubeconfig parses");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
-        .await
-        .expect("kube-rs accepts the sandbox kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .expect("kube-rs accepts the sandbox kubeconfig");
     let client = Client::try_from(config).expect("client builds");
     (sandbox, client)
 }
 
 async fn install_rollout_crd(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.create(&PostParams::default(), &Rollout::crd()).await.expect("Rollout CRD installs");
+    crds.create(&PostParams::default(), &Rollout::crd())
+        .await
+        .expect("Rollout CRD installs");
 }
 
 fn rollout(name: &str, step_weight: u8) -> Rollout {
@@ -67,12 +74,22 @@ async fn watcher_sees_create_update_delete_in_order() {
     }
     assert_eq!(seen, vec!["Init".to_owned(), "InitDone".to_owned()]);
 
-    rollouts.create(&PostParams::default(), &rollout("web", 10)).await.expect("create");
     rollouts
-        .patch("web", &PatchParams::default(), &Patch::Merge(json!({"spec": {"analysis": {"stepWeight": 20}}})))
+        .create(&PostParams::default(), &rollout("web", 10))
+        .await
+        .expect("create");
+    rollouts
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"analysis": {"stepWeight": 20}}})),
+        )
         .await
         .expect("update");
-    rollouts.delete("web", &DeleteParams::default()).await.expect("delete");
+    rollouts
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete");
 
     let mut changes = Vec::new();
     while changes.len() < 3 {
@@ -83,14 +100,24 @@ async fn watcher_sees_create_update_delete_in_order() {
             .expect("stream stays open");
         changes.push(describe(&event));
     }
-    assert_eq!(changes, vec!["Apply web step=10", "Apply web step=20", "Delete web step=20"]);
+    assert_eq!(
+        changes,
+        vec![
+            "Apply web step=10",
+            "Apply web step=20",
+            "Delete web step=20"
+        ]
+    );
     sandbox.stop().await;
 }
 
 fn describe(event: &watcher::Event<Rollout>) -> String {
     let text = |verb: &str, r: &Rollout| {
         let step = r.spec.analysis.step_weight.map(|w| w.get()).unwrap_or(0);
-        format!("{verb} {} step={step}", r.metadata.name.as_deref().unwrap_or("?"))
+        format!(
+            "{verb} {} step={step}",
+            r.metadata.name.as_deref().unwrap_or("?")
+        )
     };
     match event {
         watcher::Event::Init => "Init".into(),
@@ -112,15 +139,25 @@ async fn expired_resource_versions_are_gone_and_bookmarks_arrive() {
     .await;
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     let first = maps
-        .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "m0"}})).expect("cm"))
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "m0"}})).expect("cm"),
+        )
         .await
         .expect("create");
     let first_rv = first.metadata.resource_version.clone().unwrap_or_default();
     for i in 1..10 {
-        let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": format!("m{i}")}})).expect("cm");
-        maps.create(&PostParams::default(), &cm).await.expect("create");
+        let cm: ConfigMap =
+            serde_json::from_value(json!({"metadata": {"name": format!("m{i}")}})).expect("cm");
+        maps.create(&PostParams::default(), &cm)
+            .await
+            .expect("create");
     }
-    let mut stream = maps.watch(&WatchParams::default().disable_bookmarks(), &first_rv).await.expect("watch starts").boxed();
+    let mut stream = maps
+        .watch(&WatchParams::default().disable_bookmarks(), &first_rv)
+        .await
+        .expect("watch starts")
+        .boxed();
     let event = tokio::time::timeout(Duration::from_secs(5), stream.try_next())
         .await
         .expect("answer within 5s")
@@ -133,7 +170,11 @@ async fn expired_resource_versions_are_gone_and_bookmarks_arrive() {
 
     let list = maps.list(&Default::default()).await.expect("list");
     let rv = list.metadata.resource_version.unwrap_or_default();
-    let mut stream = maps.watch(&WatchParams::default(), &rv).await.expect("watch").boxed();
+    let mut stream = maps
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .expect("watch")
+        .boxed();
     let event = tokio::time::timeout(Duration::from_secs(5), stream.try_next())
         .await
         .expect("a bookmark within 5s")
@@ -153,7 +194,10 @@ async fn server_side_apply_and_status_from_kube() {
     install_rollout_crd(&client).await;
     let rollouts: Api<Rollout> = Api::namespaced(client.clone(), "default");
     let params = PatchParams::apply(sluice::api::FIELD_MANAGER).force();
-    let applied = rollouts.patch("web", &params, &Patch::Apply(rollout("web", 10))).await.expect("apply creates");
+    let applied = rollouts
+        .patch("web", &params, &Patch::Apply(rollout("web", 10)))
+        .await
+        .expect("apply creates");
     assert_eq!(applied.metadata.generation, Some(1));
     let managers: Vec<String> = applied
         .metadata
@@ -166,24 +210,50 @@ async fn server_side_apply_and_status_from_kube() {
 
     let status = json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "Rollout",
                         "status": {"phase": "Initialized", "canaryWeight": 0}});
-    let updated = rollouts.patch_status("web", &params, &Patch::Apply(status)).await.expect("status apply");
-    assert_eq!(updated.metadata.generation, Some(1), "status writes leave generation alone");
-    assert_eq!(updated.status.and_then(|s| s.phase), Some(sluice::api::RolloutPhase::Initialized));
+    let updated = rollouts
+        .patch_status("web", &params, &Patch::Apply(status))
+        .await
+        .expect("status apply");
+    assert_eq!(
+        updated.metadata.generation,
+        Some(1),
+        "status writes leave generation alone"
+    );
+    assert_eq!(
+        updated.status.and_then(|s| s.phase),
+        Some(sluice::api::RolloutPhase::Initialized)
+    );
 
     // Applying the same thing again writes nothing.
-    let before = rollouts.get("web").await.expect("get").metadata.resource_version;
-    let again = rollouts.patch("web", &params, &Patch::Apply(rollout("web", 10))).await.expect("re-apply");
+    let before = rollouts
+        .get("web")
+        .await
+        .expect("get")
+        .metadata
+        .resource_version;
+    let again = rollouts
+        .patch("web", &params, &Patch::Apply(rollout("web", 10)))
+        .await
+        .expect("re-apply");
     assert_eq!(again.metadata.resource_version, before);
 
     // An invalid change is refused with a 422 naming the field.
     let err = rollouts
-        .patch("web", &PatchParams::default(), &Patch::Merge(json!({"spec": {"analysis": {"stepWeight": 90}}})))
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"analysis": {"stepWeight": 90}}})),
+        )
         .await
         .expect_err("CEL rule refuses maxWeight < stepWeight");
     match err {
         kube::Error::Api(status) => {
             assert_eq!(status.code, 422);
-            assert!(status.message.contains("spec.analysis"), "{}", status.message);
+            assert!(
+                status.message.contains("spec.analysis"),
+                "{}",
+                status.message
+            );
         }
         other => panic!("expected an API error, got {other}"),
     }
@@ -193,10 +263,18 @@ async fn server_side_apply_and_status_from_kube() {
 /// The kubelet stand-in: ready after a spec change, never ready with the annotation.
 #[tokio::test]
 async fn workloads_report_readiness() {
-    let (sandbox, client) = start(SandboxConfig { ready_delay: Duration::from_millis(50), ..SandboxConfig::default() }).await;
+    let (sandbox, client) = start(SandboxConfig {
+        ready_delay: Duration::from_millis(50),
+        ..SandboxConfig::default()
+    })
+    .await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "default");
     let deployment = |name: &str, never_ready: bool| -> Deployment {
-        let annotations = if never_ready { json!({"sandbox.sluice.dev/never-ready": "true"}) } else { json!({}) };
+        let annotations = if never_ready {
+            json!({"sandbox.sluice.dev/never-ready": "true"})
+        } else {
+            json!({})
+        };
         serde_json::from_value(json!({
             "metadata": {"name": name},
             "spec": {
@@ -208,9 +286,20 @@ async fn workloads_report_readiness() {
         }))
         .expect("deployment")
     };
-    deployments.create(&PostParams::default(), &deployment("good", false)).await.expect("create");
-    deployments.create(&PostParams::default(), &deployment("bad", true)).await.expect("create");
-    let ready = |d: &Deployment| d.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
+    deployments
+        .create(&PostParams::default(), &deployment("good", false))
+        .await
+        .expect("create");
+    deployments
+        .create(&PostParams::default(), &deployment("bad", true))
+        .await
+        .expect("create");
+    let ready = |d: &Deployment| {
+        d.status
+            .as_ref()
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0)
+    };
     let observed = |d: &Deployment| d.status.as_ref().and_then(|s| s.observed_generation);
     let mut good = deployments.get("good").await.expect("get");
     for _ in 0..100 {
@@ -223,7 +312,11 @@ async fn workloads_report_readiness() {
     assert_eq!(ready(&good), 2);
     assert_eq!(observed(&good), good.metadata.generation);
     let bad = deployments.get("bad").await.expect("get");
-    assert_eq!(observed(&bad), bad.metadata.generation, "status is written for a never-ready workload too");
+    assert_eq!(
+        observed(&bad),
+        bad.metadata.generation,
+        "status is written for a never-ready workload too"
+    );
     assert_eq!(ready(&bad), 0);
     sandbox.stop().await;
 }

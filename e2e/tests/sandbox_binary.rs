@@ -30,11 +30,21 @@ fn binary_prints_its_address_and_writes_a_working_kubeconfig() {
     );
     let stdout = child.0.stdout.take().expect("stdout is piped");
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("reads the first line");
-    let url = line.trim().strip_prefix("sluice-sandbox listening on ").expect("address line").to_owned();
-    assert!(url.starts_with("http://127.0.0.1:") && !url.ends_with(":0"), "{url}");
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("reads the first line");
+    let url = line
+        .trim()
+        .strip_prefix("sluice-sandbox listening on ")
+        .expect("address line")
+        .to_owned();
+    assert!(
+        url.starts_with("http://127.0.0.1:") && !url.ends_with(":0"),
+        "{url}"
+    );
 
-    let written = std::fs::read_to_string(&kubeconfig).expect("kubeconfig written before the address is printed");
+    let written = std::fs::read_to_string(&kubeconfig)
+        .expect("kubeconfig written before the address is printed");
     assert!(written.contains(&url), "{written}");
     let k = Kubectl::new(dir.path(), &written).expect("kubectl env");
     let version = k.ok(&["version", "-o", "json"]);
@@ -53,5 +63,8 @@ fn a_busy_port_is_a_clear_error() {
         .expect("runs");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("cannot listen on {addr}")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
 }

@@ -3,8 +3,11 @@
 //! Types only: no client, no reconcile logic. Validation that the API server can do (ranges, enums,
 //! CEL cross-field rules) lives in the schema so invalid specs are refused before Sluice ever sees them.
 
+// clippy mistakes the repeated `type_ = ...` keys of kube-derive's `printcolumn(...)` for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 mod authz;
 mod common;
+#[allow(clippy::duplicated_attributes)]
 mod rollout;
 
 pub use authz::*;
