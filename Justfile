@@ -12,7 +12,7 @@ build:
 test:
     cargo xtask test
 
-# Start the sandbox and walk through a rollout and a policy.
+# Start the sandbox, apply the CRDs and samples, and show them (`--keep` leaves it running).
 demo:
     cargo xtask demo
 
