@@ -1269,3 +1269,169 @@ fn builtin_validation(ty: &ResourceType, obj: &Value) -> Vec<(String, &'static s
     }
     causes
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Create(usize, u8),
+        Scale(usize, u8),
+        Status(usize, u8),
+        AddFinalizer(usize),
+        RemoveFinalizers(usize),
+        Delete(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let name = 0usize..4;
+        prop_oneof![
+            (name.clone(), 0u8..5).prop_map(|(n, v)| Op::Create(n, v)),
+            (name.clone(), 0u8..5).prop_map(|(n, v)| Op::Scale(n, v)),
+            (name.clone(), 0u8..5).prop_map(|(n, v)| Op::Status(n, v)),
+            name.clone().prop_map(Op::AddFinalizer),
+            name.clone().prop_map(Op::RemoveFinalizers),
+            name.prop_map(Op::Delete),
+        ]
+    }
+
+    fn deployment(name: &str, replicas: u8) -> Value {
+        json!({
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}},
+                                  "spec": {"containers": [{"name": "app", "image": "x"}]}}}
+        })
+    }
+
+    fn apply(store: &mut Store, ty: &ResourceType, op: &Op) {
+        let opts = WriteOptions {
+            field_manager: Some("test".into()),
+            ..WriteOptions::default()
+        };
+        let name = |n: usize| format!("d{n}");
+        // Errors (not found, already exists, ...) are part of the sequence: they must leave no trace.
+        let _ = match op {
+            Op::Create(n, v) => store
+                .create(ty, "default", deployment(&name(*n), *v), &opts)
+                .map(|_| ()),
+            Op::Scale(n, v) => store
+                .patch(
+                    ty,
+                    "default",
+                    &name(*n),
+                    &PatchType::Merge,
+                    &json!({"spec": {"replicas": v}}),
+                    None,
+                    &opts,
+                )
+                .map(|_| ()),
+            Op::Status(n, v) => store
+                .patch(
+                    ty,
+                    "default",
+                    &name(*n),
+                    &PatchType::Merge,
+                    &json!({"status": {"readyReplicas": v}}),
+                    Some("status"),
+                    &opts,
+                )
+                .map(|_| ()),
+            Op::AddFinalizer(n) => store
+                .patch(
+                    ty,
+                    "default",
+                    &name(*n),
+                    &PatchType::Merge,
+                    &json!({"metadata": {"finalizers": ["x/y"]}}),
+                    None,
+                    &opts,
+                )
+                .map(|_| ()),
+            Op::RemoveFinalizers(n) => store
+                .patch(
+                    ty,
+                    "default",
+                    &name(*n),
+                    &PatchType::Merge,
+                    &json!({"metadata": {"finalizers": null}}),
+                    None,
+                    &opts,
+                )
+                .map(|_| ()),
+            Op::Delete(n) => store
+                .delete(ty, "default", &name(*n), &DeleteOptions::default())
+                .map(|_| ()),
+        };
+    }
+
+    proptest! {
+        /// Whatever happens, a watcher replaying the history from the start ends with exactly the stored
+        /// objects; resourceVersions strictly increase; generation moves only with spec (or deletion).
+        #[test]
+        fn watch_history_replays_to_the_stored_state(ops in proptest::collection::vec(op(), 1..40)) {
+            let mut store = Store::new(100_000);
+            let ty = store.registry().get("apps", "v1", "deployments").expect("built-in type");
+            let start = store.resource_version();
+            for op in &ops {
+                apply(&mut store, &ty, op);
+            }
+            let events = store.events_since(start).expect("nothing compacted");
+            let mut replayed: BTreeMap<String, Value> = BTreeMap::new();
+            let mut last_rv = start;
+            for event in events.iter().filter(|e| e.key == ty.key()) {
+                prop_assert!(event.rv > last_rv, "resourceVersions must increase");
+                last_rv = event.rv;
+                let name = meta_str(&event.object, "name").unwrap_or_default().to_owned();
+                let rv_text = event.rv.to_string();
+                prop_assert_eq!(meta_str(&event.object, "resourceVersion"), Some(rv_text.as_str()));
+                if let Some(prev) = &event.prev {
+                    let generation = |o: &Value| o.pointer("/metadata/generation").and_then(Value::as_i64);
+                    let spec_changed = prev.get("spec") != event.object.get("spec");
+                    let deleting = prev.pointer("/metadata/deletionTimestamp").is_none()
+                        && event.object.pointer("/metadata/deletionTimestamp").is_some();
+                    prop_assert_eq!(
+                        generation(&event.object) != generation(prev),
+                        spec_changed || deleting,
+                        "generation must move with spec only: {:?} -> {:?}", prev, event.object
+                    );
+                }
+                match event.type_ {
+                    EventType::Added | EventType::Modified => { replayed.insert(name, event.object.clone()); }
+                    EventType::Deleted => { replayed.remove(&name); }
+                }
+            }
+            let stored: BTreeMap<String, Value> = store
+                .list(&ty, Some("default"))
+                .into_iter()
+                .map(|o| (meta_str(&o, "name").unwrap_or_default().to_owned(), o))
+                .collect();
+            prop_assert_eq!(replayed, stored);
+        }
+    }
+
+    #[test]
+    fn compacted_history_is_gone() {
+        let mut store = Store::new(3);
+        let ty = store
+            .registry()
+            .get("apps", "v1", "deployments")
+            .expect("built-in type");
+        let opts = WriteOptions::default();
+        for i in 0..6 {
+            store
+                .create(&ty, "default", deployment(&format!("d{i}"), 1), &opts)
+                .expect("create");
+        }
+        let err = store
+            .events_since(1)
+            .expect_err("early versions are compacted");
+        assert_eq!(err.code, 410);
+        let recent = store
+            .events_since(store.resource_version() - 2)
+            .expect("recent versions replay");
+        assert_eq!(recent.len(), 2);
+    }
+}
