@@ -495,3 +495,33 @@ fn label_selectors_and_namespaces() {
     let out = k.run(&["get", "configmap", "a", "-n", "team"]);
     assert!(!out.success, "namespace deletion must delete its content");
 }
+
+#[test]
+fn the_install_kustomization_applies() {
+    let env = env();
+    let k = &env.kubectl;
+    let out = k.ok(&["apply", "-k", "config/base"]);
+    for created in [
+        "namespace/sluice-system created",
+        "customresourcedefinition.apiextensions.k8s.io/rollouts.sluice.dev created",
+        "clusterrole.rbac.authorization.k8s.io/sluice created",
+        "deployment.apps/sluice-operator created",
+    ] {
+        assert!(out.contains(created), "missing {created:?} in:\n{out}");
+    }
+    let deployment = json_of(&k.ok(&[
+        "get",
+        "deployment",
+        "sluice-operator",
+        "-n",
+        "sluice-system",
+        "-o",
+        "json",
+    ]));
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        deployment["metadata"]["labels"]["app.kubernetes.io/part-of"],
+        "sluice"
+    );
+}
