@@ -320,3 +320,63 @@ async fn workloads_report_readiness() {
     assert_eq!(ready(&bad), 0);
     sandbox.stop().await;
 }
+
+/// Events published by kube-runtime's Recorder (events.k8s.io/v1), as the operator will publish them; a
+/// repeat becomes a series on the same Event.
+#[tokio::test]
+async fn recorder_events_are_stored_and_repeats_become_a_series() {
+    use k8s_openapi::api::events::v1::Event as K8sEvent;
+    use kube::Resource;
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+
+    let (sandbox, client) = start(SandboxConfig::default()).await;
+    install_rollout_crd(&client).await;
+    let rollouts: Api<Rollout> = Api::namespaced(client.clone(), "default");
+    let created = rollouts
+        .create(&PostParams::default(), &rollout("web", 10))
+        .await
+        .expect("create");
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "sluice".into(),
+            instance: None,
+        },
+    );
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "RolledBack".into(),
+        note: Some("request-success-rate 91.2 < 99".into()),
+        action: "Rollback".into(),
+        secondary: None,
+    };
+    let reference = created.object_ref(&());
+    recorder
+        .publish(&event, &reference)
+        .await
+        .expect("first publish");
+    recorder
+        .publish(&event, &reference)
+        .await
+        .expect("repeat publish");
+
+    let events: Api<K8sEvent> = Api::namespaced(client.clone(), "default");
+    let stored = events
+        .list(&Default::default())
+        .await
+        .expect("list events")
+        .items;
+    assert_eq!(
+        stored.len(),
+        1,
+        "a repeat must update the same Event: {stored:?}"
+    );
+    let stored = &stored[0];
+    assert_eq!(stored.reason.as_deref(), Some("RolledBack"));
+    assert_eq!(
+        stored.regarding.as_ref().and_then(|r| r.name.as_deref()),
+        Some("web")
+    );
+    assert_eq!(stored.series.as_ref().map(|s| s.count), Some(2));
+    sandbox.stop().await;
+}
