@@ -74,6 +74,13 @@ pub fn workload_status(obj: &Value, previous: Option<&Value>, now: &str) -> Valu
     if replicas > ready {
         status["unavailableReplicas"] = json!(replicas - ready);
     }
+    if obj.get("kind").and_then(Value::as_str) == Some("StatefulSet") {
+        // One revision per generation; `kubectl rollout status` compares them.
+        let revision = format!("{name}-{generation}");
+        status["currentReplicas"] = json!(replicas);
+        status["currentRevision"] = json!(revision);
+        status["updateRevision"] = json!(revision);
+    }
     status["conditions"] = json!([
         if available {
             condition(
@@ -133,12 +140,21 @@ fn is_workload(key: &TypeKey) -> bool {
 
 /// Runs until the store's event channel closes.
 pub(crate) async fn run(shared: Arc<Shared>) {
-    let mut events = shared.store.lock().map(|s| s.subscribe()).ok();
-    let Some(rx) = events.as_mut() else { return };
+    let mut rx = shared.lock().subscribe();
     loop {
         let event = match rx.recv().await {
             Ok(event) => event,
-            Err(RecvError::Lagged(_)) => continue,
+            Err(RecvError::Lagged(_)) => {
+                // Events were dropped: look at every workload instead.
+                for (key, namespace, name) in stale_workloads(&shared) {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(shared.config.ready_delay).await;
+                        converge(&shared, &key, &namespace, &name);
+                    });
+                }
+                continue;
+            }
             Err(RecvError::Closed) => return,
         };
         if event.type_ == EventType::Deleted
@@ -166,6 +182,33 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     }
 }
 
+/// Workloads whose status does not yet say what the stand-in would report.
+fn stale_workloads(shared: &Shared) -> Vec<(TypeKey, String, String)> {
+    let store = shared.lock();
+    let mut stale = Vec::new();
+    for resource in ["deployments", "statefulsets"] {
+        let Some(ty) = store.registry().get("apps", "v1", resource) else {
+            continue;
+        };
+        for obj in store.list(&ty, None) {
+            if !status_is_current(&obj) {
+                let text = |p: &str| {
+                    obj.pointer(p)
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned()
+                };
+                stale.push((
+                    ty.key(),
+                    text("/metadata/namespace"),
+                    text("/metadata/name"),
+                ));
+            }
+        }
+    }
+    stale
+}
+
 fn parse_delay(text: &str) -> Option<Duration> {
     let text = text.trim();
     if let Some(ms) = text.strip_suffix("ms") {
@@ -177,9 +220,7 @@ fn parse_delay(text: &str) -> Option<Duration> {
 }
 
 fn converge(shared: &Shared, key: &TypeKey, namespace: &str, name: &str) {
-    let Ok(mut store) = shared.store.lock() else {
-        return;
-    };
+    let mut store = shared.lock();
     let Some(ty) = store.registry().any_version(key) else {
         return;
     };

@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 /// A running sandbox API server.
 pub struct Sandbox {
     addr: SocketAddr,
+    shared: Arc<server::Shared>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<std::io::Result<()>>,
 }
@@ -44,13 +45,15 @@ impl Sandbox {
             store: Mutex::new(store::Store::new(config.history_limit)),
             config,
             address: addr.to_string(),
+            stopping: tokio::sync::watch::channel(false).0,
         });
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::serve_until(listener, shared, async move {
+        let task = tokio::spawn(server::serve_until(listener, shared.clone(), async move {
             let _ = rx.await;
         }));
         Ok(Sandbox {
             addr,
+            shared,
             shutdown: Some(tx),
             task,
         })
@@ -78,6 +81,7 @@ impl Sandbox {
 
     /// Stops serving; open watches are cut.
     pub async fn stop(mut self) {
+        self.shared.stopping.send_replace(true);
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

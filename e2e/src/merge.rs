@@ -126,12 +126,27 @@ pub fn merge_patch(target: &Value, patch: &Value) -> Value {
     doc
 }
 
-/// JSON patch (RFC 6902).
+/// JSON patch (RFC 6902), with the API server's leniency: `test` of a missing path against `null` passes
+/// (kube-runtime's finalizer helper relies on it).
 pub fn json_patch(target: &Value, patch: &Value) -> Result<Value, MergeError> {
-    let ops: ::json_patch::Patch =
-        serde_json::from_value(patch.clone()).map_err(|e| MergeError::JsonPatch(e.to_string()))?;
+    let ops = patch.as_array().ok_or_else(|| {
+        MergeError::JsonPatch("a JSON patch must be an array of operations".into())
+    })?;
     let mut doc = target.clone();
-    ::json_patch::patch(&mut doc, &ops).map_err(|e| MergeError::JsonPatch(e.to_string()))?;
+    for op in ops {
+        let tests_missing_for_null = op.get("op").and_then(Value::as_str) == Some("test")
+            && op.get("value").is_some_and(Value::is_null)
+            && op
+                .get("path")
+                .and_then(Value::as_str)
+                .is_some_and(|p| doc.pointer(p).is_none());
+        if tests_missing_for_null {
+            continue;
+        }
+        let one: ::json_patch::Patch = serde_json::from_value(Value::Array(vec![op.clone()]))
+            .map_err(|e| MergeError::JsonPatch(e.to_string()))?;
+        ::json_patch::patch(&mut doc, &one).map_err(|e| MergeError::JsonPatch(e.to_string()))?;
+    }
     Ok(doc)
 }
 
@@ -846,6 +861,25 @@ pub fn record_update(
         }
     }
     finish(entries, after)
+}
+
+#[cfg(test)]
+mod json_patch_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn test_of_a_missing_path_against_null_passes_like_the_api_server() {
+        let patch = json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": ["a/b"]}
+        ]);
+        let patched = json_patch(&json!({"metadata": {}}), &patch).expect("patch applies");
+        assert_eq!(patched, json!({"metadata": {"finalizers": ["a/b"]}}));
+        let failing = json!([{"op": "test", "path": "/metadata/finalizers", "value": null}]);
+        assert!(json_patch(&json!({"metadata": {"finalizers": []}}), &failing).is_err());
+        assert!(json_patch(&json!({}), &json!({"op": "add"})).is_err());
+    }
 }
 
 #[cfg(test)]

@@ -377,7 +377,7 @@ impl Registry {
         self.types.values()
     }
 
-    /// Groups with their versions, in discovery order (core group excluded).
+    /// Groups with their versions, preferred version first (core group excluded).
     pub fn groups(&self) -> BTreeMap<String, Vec<String>> {
         let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for t in self.types.values().filter(|t| !t.group.is_empty()) {
@@ -385,6 +385,9 @@ impl Registry {
             if !versions.contains(&t.version) {
                 versions.push(t.version.clone());
             }
+        }
+        for versions in groups.values_mut() {
+            versions.sort_by_key(|v| std::cmp::Reverse(version_priority(v)));
         }
         groups
     }
@@ -417,6 +420,30 @@ impl Registry {
             self.insert(t);
         }
         Ok(())
+    }
+}
+
+/// Kubernetes version ordering: GA before beta before alpha, higher numbers first (v2 > v1 > v1beta2 > v1alpha1).
+pub fn version_priority(version: &str) -> (u8, u64, u64) {
+    let Some(rest) = version.strip_prefix('v') else {
+        return (0, 0, 0);
+    };
+    let digits = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    let Ok(major) = rest[..digits].parse::<u64>() else {
+        return (0, 0, 0);
+    };
+    let suffix = &rest[digits..];
+    let minor = |tail: &str| tail.parse::<u64>().unwrap_or(0);
+    if suffix.is_empty() {
+        (3, major, 0)
+    } else if let Some(tail) = suffix.strip_prefix("beta") {
+        (2, major, minor(tail))
+    } else if let Some(tail) = suffix.strip_prefix("alpha") {
+        (1, major, minor(tail))
+    } else {
+        (0, major, 0)
     }
 }
 
@@ -650,5 +677,24 @@ fn builtin_columns(plural: &str) -> Vec<PrinterColumn> {
             age_column(),
         ],
         _ => vec![age_column()],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_sort_like_kubernetes() {
+        let mut versions = vec![
+            "v1alpha1", "v1", "v2beta1", "v1beta2", "v2", "v1beta1", "foo",
+        ];
+        versions.sort_by_key(|v| std::cmp::Reverse(version_priority(v)));
+        assert_eq!(
+            versions,
+            vec![
+                "v2", "v1", "v2beta1", "v1beta2", "v1beta1", "v1alpha1", "foo"
+            ]
+        );
     }
 }

@@ -48,13 +48,20 @@ pub(crate) struct Shared {
     pub store: Mutex<Store>,
     pub config: SandboxConfig,
     pub address: String,
+    /// Flips to true when the sandbox stops, ending open watches.
+    pub stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
-    fn store(&self) -> Result<MutexGuard<'_, Store>, ApiError> {
+    /// The store; a panic elsewhere must not turn every later request into a 500.
+    pub fn lock(&self) -> MutexGuard<'_, Store> {
         self.store
             .lock()
-            .map_err(|_| ApiError::new(500, "InternalError", "the sandbox store lock is poisoned"))
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn store(&self) -> Result<MutexGuard<'_, Store>, ApiError> {
+        Ok(self.lock())
     }
 }
 
@@ -107,13 +114,16 @@ fn percent_decode(text: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&text[i + 1..i + 3], 16) {
-                Ok(b) => {
-                    out.push(b);
-                    i += 2;
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
                 }
-                Err(_) => out.push(b'%'),
-            },
+            }
             b => out.push(b),
         }
         i += 1;
@@ -335,7 +345,7 @@ async fn serve(
             if target.subresource.as_deref() == Some("scale") {
                 let replicas = obj.pointer("/spec/replicas").cloned().unwrap_or(json!(0));
                 let mut current = store.get(&ty, &ns, name)?;
-                current["spec"]["replicas"] = replicas;
+                set_replicas(&mut current, replicas)?;
                 let updated = store.update(&ty, &ns, name, current, None, &opts)?;
                 return Ok(json_response(StatusCode::OK, &scale_of(&updated)));
             }
@@ -380,10 +390,11 @@ async fn serve(
                     _ => crate::merge::merge_patch(&scale_of(&current), &patch),
                 };
                 let mut updated = current.clone();
-                updated["spec"]["replicas"] = scaled
+                let replicas = scaled
                     .pointer("/spec/replicas")
                     .cloned()
                     .unwrap_or(json!(0));
+                set_replicas(&mut updated, replicas)?;
                 let updated = store.update(&ty, &ns, name, updated, None, &opts)?;
                 return Ok(json_response(StatusCode::OK, &scale_of(&updated)));
             }
@@ -506,6 +517,30 @@ fn delete_options(
     })
 }
 
+/// Writes `spec.replicas` for a scale request, refusing objects whose spec is not an object.
+fn set_replicas(obj: &mut Value, replicas: Value) -> Result<(), ApiError> {
+    if !replicas.is_u64() {
+        return Err(ApiError::new(
+            422,
+            "Invalid",
+            format!("spec.replicas: Invalid value: {replicas}: must be a non-negative integer"),
+        ));
+    }
+    let spec = obj
+        .as_object_mut()
+        .map(|o| o.entry("spec").or_insert_with(|| json!({})))
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| {
+            ApiError::new(
+                422,
+                "Invalid",
+                "spec: Invalid value: the object has no spec to scale",
+            )
+        })?;
+    spec.insert("replicas".into(), replicas);
+    Ok(())
+}
+
 /// The `autoscaling/v1` Scale view of a workload.
 fn scale_of(obj: &Value) -> Value {
     let selector = obj
@@ -605,35 +640,51 @@ fn watch(
         let store = shared.store()?;
         let events = store.subscribe();
         let current_rv = store.resource_version();
-        let initial: Vec<(EventType, Value)> =
-            if requested_rv.is_empty() || requested_rv == "0" || send_initial {
-                store
-                    .list(&ty, selection.namespace.as_deref())
-                    .into_iter()
-                    .filter(|o| selection.matches(o))
-                    .map(|o| (EventType::Added, o))
-                    .collect()
-            } else {
-                let rv = requested_rv.parse::<u64>().map_err(|_| {
-                    ApiError::bad_request(format!("invalid resourceVersion {requested_rv:?}"))
-                })?;
-                match store.events_since(rv) {
-                    Ok(events) => events
-                        .iter()
-                        .filter_map(|e| selection.view(&ty, e))
-                        .collect(),
-                    Err(gone) => {
-                        // A real API server answers 200 and reports the expiry as the only event.
-                        let line = event_line("ERROR", &gone.to_status());
-                        return Ok(stream_response(futures::stream::once(
-                            async move { Ok(line) },
-                        )));
-                    }
+        let initial: Vec<(EventType, Value)> = if requested_rv.is_empty()
+            || requested_rv == "0"
+            || send_initial
+        {
+            store
+                .list(&ty, selection.namespace.as_deref())
+                .into_iter()
+                .filter(|o| selection.matches(o))
+                .map(|o| (EventType::Added, o))
+                .collect()
+        } else {
+            let rv = requested_rv.parse::<u64>().map_err(|_| {
+                ApiError::bad_request(format!("invalid resourceVersion {requested_rv:?}"))
+            })?;
+            if rv > current_rv {
+                return Err(ApiError {
+                    details: json!({"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}], "retryAfterSeconds": 1}),
+                    ..ApiError::new(
+                        504,
+                        "Timeout",
+                        format!("Too large resource version: {rv}, current: {current_rv}"),
+                    )
+                });
+            }
+            match store.events_since(rv) {
+                Ok(events) => events
+                    .iter()
+                    .filter_map(|e| selection.view(&ty, e))
+                    .collect(),
+                Err(gone) => {
+                    // A real API server answers 200 and reports the expiry as the only event.
+                    let line = event_line("ERROR", &gone.to_status());
+                    return Ok(stream_response(futures::stream::once(
+                        async move { Ok(line) },
+                    )));
                 }
-            };
+            }
+        };
         (initial, events, current_rv)
     };
-    let bookmark_interval = shared.config.bookmark_interval;
+    let bookmark_interval = shared
+        .config
+        .bookmark_interval
+        .max(Duration::from_millis(10));
+    let mut stopping = shared.stopping.subscribe();
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     tokio::spawn(async move {
         let render = |type_: EventType, object: Value, rv: u64| match table_mode {
@@ -665,6 +716,7 @@ fn watch(
         loop {
             tokio::select! {
                 _ = &mut deadline => return,
+                _ = stopping.changed() => return,
                 _ = tx.closed() => return,
                 _ = ticker.tick(), if bookmarks => {
                     if tx.send(bookmark(last_rv, false)).await.is_err() {

@@ -90,6 +90,8 @@ pub struct Store {
     next_uid: u64,
     uid_salt: u64,
     next_cluster_ip: u32,
+    /// uids whose removal is in progress, so ownerReference cycles cannot recurse forever.
+    removing: std::collections::HashSet<String>,
 }
 
 pub fn now_rfc3339() -> String {
@@ -100,6 +102,11 @@ pub fn now_rfc3339() -> String {
 }
 
 const NAME_RULE: &str = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character";
+
+/// RBAC objects only need a valid path segment (`system:controller:x` is a valid ClusterRole name).
+fn valid_path_segment(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '%'])
+}
 
 fn valid_name(name: &str) -> bool {
     let bytes = name.as_bytes();
@@ -148,7 +155,12 @@ fn same_content(a: &Value, b: &Value) -> bool {
         let mut v = v.clone();
         if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
             m.remove("resourceVersion");
-            m.remove("managedFields");
+            // Ownership changes are real changes; only their timestamps are not.
+            if let Some(entries) = m.get_mut("managedFields").and_then(Value::as_array_mut) {
+                for entry in entries.iter_mut().filter_map(Value::as_object_mut) {
+                    entry.remove("time");
+                }
+            }
         }
         v
     };
@@ -171,6 +183,7 @@ impl Store {
             next_uid: 0,
             uid_salt,
             next_cluster_ip: 1,
+            removing: Default::default(),
         };
         if let Some(ns_type) = store.registry.get("", "v1", "namespaces") {
             for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
@@ -334,7 +347,12 @@ impl Store {
                 ));
             }
         };
-        if !valid_name(&name) {
+        let name_ok = if ty.group == "rbac.authorization.k8s.io" {
+            valid_path_segment(&name)
+        } else {
+            valid_name(&name)
+        };
+        if !name_ok {
             return Err(ApiError::invalid(
                 ty,
                 &name,
@@ -384,7 +402,7 @@ impl Store {
         {
             map.remove("status");
         }
-        self.apply_builtin_defaults(ty, &mut obj);
+        self.apply_builtin_defaults(ty, &mut obj, None);
         let mut obj = self.admit(ty, obj, None, opts.strict)?;
         let managed = match managed_fields {
             Some(fields) => fields,
@@ -507,13 +525,22 @@ impl Store {
         })
     }
 
-    fn apply_builtin_defaults(&mut self, ty: &ResourceType, obj: &mut Value) {
+    /// Defaults the API server fills in for built-in kinds, on create and on every update (`old`).
+    fn apply_builtin_defaults(&mut self, ty: &ResourceType, obj: &mut Value, old: Option<&Value>) {
         match (ty.group.as_str(), ty.plural.as_str()) {
             ("apps", "deployments" | "statefulsets" | "replicasets") => {
                 let spec = ensure_object(obj, "spec");
                 spec.entry("replicas").or_insert(json!(1));
                 if ty.plural != "replicasets" {
                     spec.entry("revisionHistoryLimit").or_insert(json!(10));
+                }
+                if ty.plural == "statefulsets" {
+                    spec.entry("podManagementPolicy")
+                        .or_insert(json!("OrderedReady"));
+                    spec.entry("updateStrategy").or_insert(json!({
+                        "type": "RollingUpdate",
+                        "rollingUpdate": {"partition": 0},
+                    }));
                 }
                 if ty.plural == "deployments" {
                     spec.entry("progressDeadlineSeconds").or_insert(json!(600));
@@ -530,6 +557,12 @@ impl Store {
                     self.next_cluster_ip % 250 + 1
                 );
                 let spec = ensure_object(obj, "spec");
+                // An update keeps the address the Service was given.
+                for field in ["clusterIP", "clusterIPs"] {
+                    if let Some(previous) = old.and_then(|o| o.pointer(&format!("/spec/{field}"))) {
+                        spec.entry(field).or_insert(previous.clone());
+                    }
+                }
                 spec.entry("type").or_insert(json!("ClusterIP"));
                 spec.entry("sessionAffinity").or_insert(json!("None"));
                 if spec
@@ -549,7 +582,23 @@ impl Store {
                     }
                 }
             }
-            ("", "namespaces") => {
+            ("", "secrets") => {
+                // stringData is write-only: it is folded into data, base64-encoded.
+                use base64::Engine;
+                let string_data = obj.as_object_mut().and_then(|m| m.remove("stringData"));
+                if let Some(Value::Object(entries)) = string_data {
+                    let data = ensure_object(obj, "data");
+                    for (key, value) in entries {
+                        let text = value
+                            .as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| value.to_string());
+                        let encoded = base64::engine::general_purpose::STANDARD.encode(text);
+                        data.insert(key, Value::String(encoded));
+                    }
+                }
+            }
+            ("", "namespaces") if old.is_none() => {
                 let name = meta_str(obj, "name").unwrap_or_default().to_owned();
                 let meta = metadata_mut(obj);
                 let labels = meta.entry("labels").or_insert_with(|| json!({}));
@@ -696,6 +745,9 @@ impl Store {
                 ));
             }
         }
+        if subresource.is_none() {
+            self.apply_builtin_defaults(ty, &mut obj, Some(&old));
+        }
         let mut obj = self.admit(ty, obj, Some(&old), opts.strict)?;
         if ty.tracks_generation && generation_relevant(ty, &obj) != generation_relevant(ty, &old) {
             let generation = old
@@ -745,7 +797,9 @@ impl Store {
         }
         self.rv += 1;
         metadata_mut(&mut obj).insert("resourceVersion".into(), Value::String(self.rv.to_string()));
-        let finalized = obj.pointer("/metadata/deletionTimestamp").is_some()
+        let is_namespace = ty.group.is_empty() && ty.plural == "namespaces";
+        let finalized = !is_namespace
+            && obj.pointer("/metadata/deletionTimestamp").is_some()
             && obj
                 .pointer("/metadata/finalizers")
                 .and_then(Value::as_array)
@@ -761,6 +815,9 @@ impl Store {
         self.record(ty, &namespace, EventType::Modified, obj.clone(), Some(old));
         if is_crd {
             self.register_crd(ty, &obj)?;
+        }
+        if is_namespace {
+            self.finish_namespace_if_empty(name);
         }
         Ok(self.served_as(ty, &obj))
     }
@@ -835,6 +892,15 @@ impl Store {
                 }
                 match current {
                     Ok(live) => {
+                        // A resourceVersion in the applied configuration is a precondition, as on a cluster.
+                        let wanted = meta_str(patch, "resourceVersion").filter(|rv| !rv.is_empty());
+                        if wanted.is_some_and(|rv| Some(rv) != meta_str(&live, "resourceVersion")) {
+                            return Err(ApiError::conflict(
+                                ty,
+                                name,
+                                "the object has been modified; please apply your changes to the latest version and try again",
+                            ));
+                        }
                         let outcome = merge::server_side_apply(
                             Some(&live),
                             patch,
@@ -997,13 +1063,20 @@ impl Store {
                 .get(&(namespace.to_owned(), name.to_owned()))?;
             meta_str(current, "uid").unwrap_or_default().to_owned()
         };
+        if !self.removing.insert(uid.clone()) {
+            return None;
+        }
         if propagation == Propagation::Foreground {
             self.collect_dependents(&uid, Propagation::Foreground);
         }
-        let mut removed = self
+        let removed = self
             .objects
-            .get_mut(&ty.key())?
-            .remove(&(namespace.to_owned(), name.to_owned()))?;
+            .get_mut(&ty.key())
+            .and_then(|m| m.remove(&(namespace.to_owned(), name.to_owned())));
+        let Some(mut removed) = removed else {
+            self.removing.remove(&uid);
+            return None;
+        };
         self.uids.remove(&uid);
         self.rv += 1;
         metadata_mut(&mut removed)
@@ -1018,6 +1091,7 @@ impl Store {
         if ty.namespaced {
             self.finish_namespace_if_empty(namespace);
         }
+        self.removing.remove(&uid);
         Some(removed)
     }
 
@@ -1131,9 +1205,13 @@ impl Store {
     }
 
     fn finish_namespace_if_empty(&mut self, namespace: &str) {
-        let terminating = self
-            .namespace_state(namespace)
-            .is_some_and(|ns| ns.pointer("/metadata/deletionTimestamp").is_some());
+        let terminating = self.namespace_state(namespace).is_some_and(|ns| {
+            ns.pointer("/metadata/deletionTimestamp").is_some()
+                && ns
+                    .pointer("/metadata/finalizers")
+                    .and_then(Value::as_array)
+                    .is_none_or(Vec::is_empty)
+        });
         let empty = self
             .objects
             .values()
@@ -1433,5 +1511,162 @@ mod tests {
             .events_since(store.resource_version() - 2)
             .expect("recent versions replay");
         assert_eq!(recent.len(), 2);
+    }
+
+    fn with_owner(mut obj: Value, owner_uid: &str) -> Value {
+        obj["metadata"]["ownerReferences"] =
+            json!([{"apiVersion": "apps/v1", "kind": "Deployment", "name": "x", "uid": owner_uid}]);
+        obj
+    }
+
+    #[test]
+    fn foreground_deletion_survives_ownership_cycles() {
+        let mut store = Store::new(1000);
+        let ty = store
+            .registry()
+            .get("apps", "v1", "deployments")
+            .expect("built-in type");
+        let opts = WriteOptions::default();
+        let a = store
+            .create(&ty, "default", deployment("a", 1), &opts)
+            .expect("a");
+        let a_uid = meta_str(&a, "uid").unwrap_or_default().to_owned();
+        let b = store
+            .create(
+                &ty,
+                "default",
+                with_owner(deployment("b", 1), &a_uid),
+                &opts,
+            )
+            .expect("b");
+        let b_uid = meta_str(&b, "uid").unwrap_or_default().to_owned();
+        store
+            .update(&ty, "default", "a", with_owner(a, &b_uid), None, &opts)
+            .expect("a now owned by b");
+        let foreground = DeleteOptions {
+            propagation: Propagation::Foreground,
+            ..DeleteOptions::default()
+        };
+        store
+            .delete(&ty, "default", "a", &foreground)
+            .expect("delete");
+        assert!(
+            store.list(&ty, Some("default")).is_empty(),
+            "both ends of the cycle are collected"
+        );
+    }
+
+    #[test]
+    fn server_side_apply_honours_a_resource_version_precondition() {
+        let mut store = Store::new(1000);
+        let ty = store
+            .registry()
+            .get("apps", "v1", "deployments")
+            .expect("built-in type");
+        let opts = WriteOptions {
+            field_manager: Some("candidate".into()),
+            ..WriteOptions::default()
+        };
+        let apply = PatchType::Apply { force: true };
+        store
+            .patch(
+                &ty,
+                "default",
+                "d",
+                &apply,
+                &deployment("d", 1),
+                None,
+                &opts,
+            )
+            .expect("create");
+        let mut stale = deployment("d", 2);
+        stale["metadata"]["resourceVersion"] = json!("1");
+        let err = store
+            .patch(&ty, "default", "d", &apply, &stale, None, &opts)
+            .expect_err("stale rv");
+        assert_eq!(err.code, 409);
+    }
+
+    #[test]
+    fn a_terminating_namespace_waits_for_its_finalizers_and_content() {
+        let mut store = Store::new(1000);
+        let ns = store
+            .registry()
+            .get("", "v1", "namespaces")
+            .expect("built-in type");
+        let maps = store
+            .registry()
+            .get("", "v1", "configmaps")
+            .expect("built-in type");
+        let opts = WriteOptions::default();
+        store
+            .create(&ns, "", json!({"metadata": {"name": "team"}}), &opts)
+            .expect("namespace");
+        let held = json!({"metadata": {"name": "held", "finalizers": ["x/y"]}});
+        store.create(&maps, "team", held, &opts).expect("configmap");
+        store
+            .delete(&ns, "", "team", &DeleteOptions::default())
+            .expect("delete namespace");
+        // A label change on the terminating namespace must not finish it early.
+        let mut current = store.get(&ns, "", "team").expect("still there");
+        current["metadata"]["labels"]["touched"] = json!("yes");
+        store
+            .update(&ns, "", "team", current, None, &opts)
+            .expect("update");
+        assert!(
+            store.get(&ns, "", "team").is_ok(),
+            "content is still held by a finalizer"
+        );
+        let mut map = store.get(&maps, "team", "held").expect("held configmap");
+        map["metadata"]["finalizers"] = json!([]);
+        store
+            .update(&maps, "team", "held", map, None, &opts)
+            .expect("release");
+        assert!(
+            store.get(&ns, "", "team").is_err(),
+            "an empty terminating namespace goes away"
+        );
+    }
+
+    #[test]
+    fn built_in_defaults_follow_updates_and_rbac_names_may_contain_colons() {
+        let mut store = Store::new(1000);
+        let services = store
+            .registry()
+            .get("", "v1", "services")
+            .expect("built-in type");
+        let opts = WriteOptions::default();
+        let svc = json!({"metadata": {"name": "web"}, "spec": {"ports": [{"port": 80}]}});
+        let created = store
+            .create(&services, "default", svc.clone(), &opts)
+            .expect("service");
+        let updated = store
+            .update(&services, "default", "web", svc, None, &opts)
+            .expect("PUT without clusterIP");
+        assert_eq!(updated["spec"]["clusterIP"], created["spec"]["clusterIP"]);
+
+        let secrets = store
+            .registry()
+            .get("", "v1", "secrets")
+            .expect("built-in type");
+        let secret = json!({"metadata": {"name": "token"}, "stringData": {"token": "hi"}});
+        let stored = store
+            .create(&secrets, "default", secret, &opts)
+            .expect("secret");
+        assert_eq!(stored["data"]["token"], "aGk=");
+        assert!(stored.get("stringData").is_none());
+
+        let roles = store
+            .registry()
+            .get("rbac.authorization.k8s.io", "v1", "clusterroles")
+            .expect("built-in type");
+        store
+            .create(
+                &roles,
+                "",
+                json!({"metadata": {"name": "sluice:manager"}}),
+                &opts,
+            )
+            .expect("RBAC names are path segments");
     }
 }

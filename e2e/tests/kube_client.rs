@@ -380,3 +380,21 @@ async fn recorder_events_are_stored_and_repeats_become_a_series() {
     assert_eq!(stored.series.as_ref().map(|s| s.count), Some(2));
     sandbox.stop().await;
 }
+
+/// Stopping the sandbox ends open watches instead of leaving them to their timeout.
+#[tokio::test]
+async fn stop_ends_open_watches() {
+    let (sandbox, client) = start(SandboxConfig::default()).await;
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let mut stream = maps
+        .watch(&WatchParams::default().timeout(290), "0")
+        .await
+        .expect("watch")
+        .boxed();
+    sandbox.stop().await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Ok(Some(_)) = stream.try_next().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the watch outlived the sandbox");
+}

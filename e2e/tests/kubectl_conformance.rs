@@ -525,3 +525,31 @@ fn the_install_kustomization_applies() {
         "sluice"
     );
 }
+
+#[test]
+fn statefulsets_roll_out_like_on_a_cluster() {
+    let env = env();
+    let statefulset = r#"
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: db}
+spec:
+  serviceName: db
+  replicas: 2
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata: {labels: {app: db}}
+    spec: {containers: [{name: db, image: "postgres:16"}]}
+"#;
+    let out = env
+        .kubectl
+        .run_with_stdin(&["apply", "-f", "-"], statefulset);
+    assert!(out.success, "{}", out.stderr);
+    let out = env
+        .kubectl
+        .ok(&["rollout", "status", "statefulset/db", "--timeout=20s"]);
+    assert!(
+        out.contains("roll out complete") || out.contains("rolling update complete"),
+        "{out}"
+    );
+}
