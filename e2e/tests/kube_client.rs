@@ -398,3 +398,57 @@ async fn stop_ends_open_watches() {
     .await;
     assert!(ended.is_ok(), "the watch outlived the sandbox");
 }
+
+/// kube-runtime's finalizer helper (the operator's cleanup path) adds its finalizer, and after deletion runs
+/// the cleanup and removes it so the object goes away.
+#[tokio::test]
+async fn kube_runtime_finalizer_helper_round_trip() {
+    use kube::runtime::controller::Action;
+    use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+    use std::sync::Arc;
+
+    let (sandbox, client) = start(SandboxConfig::default()).await;
+    install_rollout_crd(&client).await;
+    let rollouts: Api<Rollout> = Api::namespaced(client.clone(), "default");
+    rollouts
+        .create(&PostParams::default(), &rollout("web", 10))
+        .await
+        .expect("create");
+    let step = |expected: &'static str| {
+        move |event: Finalizer<Rollout>| async move {
+            let seen = match event {
+                Finalizer::Apply(_) => "apply",
+                Finalizer::Cleanup(_) => "cleanup",
+            };
+            assert_eq!(seen, expected);
+            Ok::<_, std::io::Error>(Action::await_change())
+        }
+    };
+    const NAME: &str = "sluice.dev/cleanup";
+    // First pass only adds the finalizer; the second applies.
+    let obj = Arc::new(rollouts.get("web").await.expect("get"));
+    finalizer(&rollouts, NAME, obj, step("apply"))
+        .await
+        .expect("finalizer added");
+    let obj = rollouts.get("web").await.expect("get");
+    assert_eq!(obj.metadata.finalizers, Some(vec![NAME.to_owned()]));
+    finalizer(&rollouts, NAME, Arc::new(obj), step("apply"))
+        .await
+        .expect("apply runs");
+
+    rollouts
+        .delete("web", &DeleteParams::default())
+        .await
+        .expect("delete is accepted");
+    let obj = rollouts.get("web").await.expect("held by the finalizer");
+    assert!(obj.metadata.deletion_timestamp.is_some());
+    finalizer(&rollouts, NAME, Arc::new(obj), step("cleanup"))
+        .await
+        .expect("cleanup runs");
+    let gone = rollouts.get_opt("web").await.expect("get_opt");
+    assert!(
+        gone.is_none(),
+        "the object must be gone once its finalizer is removed"
+    );
+    sandbox.stop().await;
+}
