@@ -280,15 +280,7 @@ async fn serve(
     let include = IncludeObject::parse(query.get("includeObject").map(String::as_str));
     match (method, target.name.as_deref()) {
         (&Method::GET, None) => {
-            let labels =
-                LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))?;
-            let fields =
-                FieldSelector::parse(query.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
-            let selection = Selection {
-                labels,
-                fields,
-                namespace: target.namespace.clone(),
-            };
+            let selection = Selection::from_query(query, target.namespace.clone())?;
             if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
                 return watch(
                     shared.clone(),
@@ -423,15 +415,7 @@ async fn serve(
         }
         (&Method::DELETE, None) => {
             let delete_opts = delete_options(query, body)?;
-            let labels =
-                LabelSelector::parse(query.get("labelSelector").map(String::as_str).unwrap_or(""))?;
-            let fields =
-                FieldSelector::parse(query.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
-            let selection = Selection {
-                labels,
-                fields,
-                namespace: target.namespace.clone(),
-            };
+            let selection = Selection::from_query(query, target.namespace.clone())?;
             let mut store = store()?;
             let victims: Vec<Value> = store
                 .list(&ty, target.namespace.as_deref())
@@ -574,6 +558,18 @@ struct Selection {
 }
 
 impl Selection {
+    fn from_query(
+        query: &HashMap<String, String>,
+        namespace: Option<String>,
+    ) -> Result<Selection, ApiError> {
+        let param = |name: &str| query.get(name).map(String::as_str).unwrap_or("");
+        Ok(Selection {
+            labels: LabelSelector::parse(param("labelSelector"))?,
+            fields: FieldSelector::parse(param("fieldSelector"))?,
+            namespace,
+        })
+    }
+
     fn matches(&self, obj: &Value) -> bool {
         let in_namespace = self.namespace.as_deref().is_none_or(|ns| {
             obj.pointer("/metadata/namespace")
