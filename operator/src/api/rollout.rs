@@ -290,8 +290,21 @@ pub struct RolloutStatus {
     /// Hash of the pod template the primary runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_promoted_revision: Option<String>,
+    /// When the phase last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transition_time: Option<Time>,
+    /// When the release last made progress (started, moved a step); the progress deadline counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_progress_time: Option<Time>,
+    /// When the current stage took effect (unset while waiting for the canary to become ready).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage_started_time: Option<Time>,
+    /// When the metrics were last checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check_time: Option<Time>,
+    /// Why the rollout is where it is, in one line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     /// Latest verdict of each metric with the value measured.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub verdicts: Vec<MetricVerdict>,

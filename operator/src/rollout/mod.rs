@@ -1,0 +1,11 @@
+//! The release planner: a pure function from (spec, status, what was observed, now) to the next status and
+//! the desired state of workloads and traffic. No client, no clock, no randomness; the controller does the IO.
+
+mod plan;
+mod stages;
+
+pub use plan::*;
+pub use stages::{Stage, stages};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,829 @@
+//! One planning step: given the Rollout, its status and what the controller observed, decide the next status,
+//! the desired workloads and traffic split, and the transitions to announce.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::stages::{Stage, max_weight, stages, weight_at};
+use crate::api::{
+    Condition, FailureCounting, MetricVerdict, NoDataPolicy, RolloutPhase, RolloutSpec,
+    RolloutStatus, Verdict, Weight,
+};
+
+/// What the controller saw of the workloads this time.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observed {
+    /// Hash of the target's pod template; `None` when the target does not exist.
+    pub target_revision: Option<String>,
+    /// Hash of the primary's pod template; `None` when the primary does not exist yet.
+    pub primary_revision: Option<String>,
+    /// The canary (target) has all its replicas ready at its current template.
+    pub canary_ready: bool,
+    /// The primary has all its replicas ready at its current template.
+    pub primary_ready: bool,
+    /// Someone asked to continue past an indefinite pause.
+    pub promote_requested: bool,
+}
+
+/// Result of the metric checks the controller ran because [`checks_due`] said so.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Checks {
+    /// No checks ran this time.
+    NotRun,
+    /// Every metric of the stage, with its verdict.
+    Ran(Vec<MetricVerdict>),
+    /// The metrics provider could not answer: the rollout freezes.
+    Unavailable(String),
+}
+
+/// The workloads and traffic the controller must converge to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Desired {
+    /// Copy the target's pod template into the primary (create it if missing).
+    pub primary_from_target: bool,
+    /// The canary runs (true) or is scaled to 0.
+    pub canary_up: bool,
+    /// Traffic to the canary; the primary gets the rest.
+    pub canary_weight: Weight,
+}
+
+/// A transition worth one Event (and, later, one alert).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub warning: bool,
+    /// CamelCase reason, e.g. `RolledBack`.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The outcome of one planning step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub status: RolloutStatus,
+    /// `None`: touch nothing (suspended, or no target to work with).
+    pub desired: Option<Desired>,
+    pub transitions: Vec<Transition>,
+    /// When to plan again if nothing else happens first.
+    pub requeue_after: Duration,
+}
+
+/// Everything one planning step depends on.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanInput<'a> {
+    pub spec: &'a RolloutSpec,
+    pub status: &'a RolloutStatus,
+    /// `metadata.generation` of the Rollout, for `observedGeneration`.
+    pub generation: i64,
+    pub observed: &'a Observed,
+    pub checks: &'a Checks,
+    pub now: Timestamp,
+}
+
+/// How long to wait for readiness before looking again (watch events usually come first).
+const READINESS_POLL: Duration = Duration::from_secs(5);
+
+fn interval(spec: &RolloutSpec) -> Duration {
+    spec.analysis
+        .interval
+        .to_std()
+        .unwrap_or(Duration::from_secs(60))
+        .max(Duration::from_secs(1))
+}
+
+fn deadline(spec: &RolloutSpec) -> Duration {
+    Duration::from_secs(u64::from(spec.progress_deadline_seconds.max(1)))
+}
+
+fn elapsed(since: Option<&Time>, now: Timestamp) -> Duration {
+    since
+        .map(|t| now.duration_since(t.0).unsigned_abs())
+        .filter(|_| since.is_some_and(|t| t.0 <= now))
+        .unwrap_or(Duration::ZERO)
+}
+
+fn later_of<'a>(a: Option<&'a Time>, b: Option<&'a Time>) -> Option<&'a Time> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(if x.0 >= y.0 { x } else { y }),
+        (x, y) => x.or(y),
+    }
+}
+
+/// Whether the controller should run the metric checks now.
+pub fn checks_due(
+    spec: &RolloutSpec,
+    status: &RolloutStatus,
+    observed: &Observed,
+    now: Timestamp,
+) -> bool {
+    if spec.suspend || spec.skip_analysis || status.phase != Some(RolloutPhase::Progressing) {
+        return false;
+    }
+    if !observed.canary_ready || observed.target_revision.as_deref() != status.revision.as_deref() {
+        return false;
+    }
+    let ladder = stages(&spec.analysis);
+    let stage = ladder.get(status.current_step as usize);
+    if !matches!(stage, Some(Stage::Judge(_))) {
+        return false;
+    }
+    let since = later_of(
+        status.stage_started_time.as_ref(),
+        status.last_check_time.as_ref(),
+    );
+    status.stage_started_time.is_some() && elapsed(since, now) >= interval(spec)
+}
+
+/// Plans one step. Same inputs, same output.
+pub fn plan(input: PlanInput<'_>) -> Plan {
+    let PlanInput {
+        spec,
+        status,
+        generation,
+        observed,
+        checks,
+        now,
+    } = input;
+    let mut next = status.clone();
+    let mut transitions = Vec::new();
+    let mut requeue_after = interval(spec);
+
+    if spec.suspend {
+        return Plan {
+            status: next,
+            desired: None,
+            transitions,
+            requeue_after,
+        };
+    }
+    let Some(target_revision) = observed.target_revision.clone() else {
+        next.message = Some(format!("target {} not found", spec.target_ref.name));
+        return finish(
+            next,
+            status,
+            generation,
+            now,
+            None,
+            transitions,
+            READINESS_POLL,
+        );
+    };
+
+    let desired = match status.phase {
+        None | Some(RolloutPhase::Initializing) => {
+            next.phase = Some(RolloutPhase::Initializing);
+            next.revision = Some(target_revision.clone());
+            next.canary_weight = Weight::ZERO;
+            if observed.primary_revision.as_deref() == Some(target_revision.as_str())
+                && observed.primary_ready
+            {
+                next.phase = Some(RolloutPhase::Initialized);
+                next.last_promoted_revision = Some(target_revision.clone());
+                next.message = Some(format!(
+                    "primary {}-primary runs revision {target_revision}",
+                    spec.target_ref.name
+                ));
+                transitions.push(Transition {
+                    warning: false,
+                    reason: "Initialized",
+                    message: format!(
+                        "created {}-primary and routed all traffic to it",
+                        spec.target_ref.name
+                    ),
+                });
+            } else {
+                next.message = Some("waiting for the primary to become ready".into());
+                requeue_after = READINESS_POLL;
+            }
+            Desired {
+                primary_from_target: true,
+                canary_up: false,
+                canary_weight: Weight::ZERO,
+            }
+        }
+        Some(RolloutPhase::Initialized | RolloutPhase::Succeeded | RolloutPhase::Failed) => {
+            let promoted =
+                status.last_promoted_revision.as_deref() == Some(target_revision.as_str());
+            let already_tried = status.revision.as_deref() == Some(target_revision.as_str());
+            if promoted || already_tried {
+                steady(&mut next)
+            } else {
+                start_release(&mut next, &target_revision, now, spec, &mut transitions);
+                requeue_after = READINESS_POLL;
+                Desired {
+                    primary_from_target: false,
+                    canary_up: true,
+                    canary_weight: Weight::ZERO,
+                }
+            }
+        }
+        Some(RolloutPhase::Progressing | RolloutPhase::Paused) => {
+            if status.revision.as_deref() != Some(target_revision.as_str()) {
+                if status.last_promoted_revision.as_deref() == Some(target_revision.as_str()) {
+                    // The target went back to what the primary runs: nothing left to release.
+                    set_phase(&mut next, RolloutPhase::Succeeded, now);
+                    next.revision = Some(target_revision.clone());
+                    next.message = Some("the target was reverted to the promoted revision".into());
+                    transitions.push(Transition {
+                        warning: false,
+                        reason: "ReleaseAbandoned",
+                        message: "the target was reverted to the promoted revision; all traffic is on the primary".into(),
+                    });
+                    steady(&mut next)
+                } else {
+                    transitions.push(Transition {
+                        warning: false,
+                        reason: "RevisionChanged",
+                        message: format!(
+                            "revision {} replaced {} mid-release; the analysis restarts",
+                            target_revision,
+                            status.revision.as_deref().unwrap_or("?")
+                        ),
+                    });
+                    start_release(&mut next, &target_revision, now, spec, &mut transitions);
+                    requeue_after = READINESS_POLL;
+                    Desired {
+                        primary_from_target: false,
+                        canary_up: true,
+                        canary_weight: Weight::ZERO,
+                    }
+                }
+            } else {
+                let (desired, requeue) = progress(
+                    spec,
+                    status,
+                    &mut next,
+                    observed,
+                    checks,
+                    now,
+                    &mut transitions,
+                );
+                requeue_after = requeue;
+                desired
+            }
+        }
+        Some(RolloutPhase::Promoting)
+            if status.revision.as_deref() != Some(target_revision.as_str())
+                && observed.primary_revision.as_deref() != status.revision.as_deref() =>
+        {
+            // A newer revision arrived before the primary took the judged one: judge the newer one.
+            transitions.push(Transition {
+                warning: false,
+                reason: "RevisionChanged",
+                message: format!(
+                    "revision {target_revision} replaced {} during promotion; the analysis restarts",
+                    status.revision.as_deref().unwrap_or("?")
+                ),
+            });
+            start_release(&mut next, &target_revision, now, spec, &mut transitions);
+            requeue_after = READINESS_POLL;
+            Desired {
+                primary_from_target: false,
+                canary_up: true,
+                canary_weight: status.canary_weight,
+            }
+        }
+        Some(RolloutPhase::Promoting) => {
+            let promoted_revision = status.revision.clone().unwrap_or_default();
+            let primary_done = observed.primary_revision.as_deref()
+                == Some(promoted_revision.as_str())
+                && observed.primary_ready;
+            if primary_done {
+                set_phase(&mut next, RolloutPhase::Succeeded, now);
+                next.last_promoted_revision = Some(promoted_revision.clone());
+                next.canary_weight = Weight::ZERO;
+                next.message = Some(format!("revision {promoted_revision} promoted"));
+                transitions.push(Transition {
+                    warning: false,
+                    reason: "Promoted",
+                    message: format!("revision {promoted_revision} promoted: all traffic on the primary, canary scaled to 0"),
+                });
+                Desired {
+                    primary_from_target: false,
+                    canary_up: false,
+                    canary_weight: Weight::ZERO,
+                }
+            } else if elapsed(status.last_progress_time.as_ref(), now) > deadline(spec) {
+                rollback(
+                    &mut next,
+                    now,
+                    format!(
+                        "the primary did not become ready with revision {promoted_revision} within {}s",
+                        spec.progress_deadline_seconds
+                    ),
+                    &mut transitions,
+                );
+                steady(&mut next)
+            } else {
+                requeue_after = READINESS_POLL;
+                // Keep the canary serving its share until the primary runs the new revision.
+                Desired {
+                    primary_from_target: observed.target_revision.as_deref()
+                        == Some(promoted_revision.as_str()),
+                    canary_up: true,
+                    canary_weight: status.canary_weight,
+                }
+            }
+        }
+    };
+    finish(
+        next,
+        status,
+        generation,
+        now,
+        Some(desired),
+        transitions,
+        requeue_after,
+    )
+}
+
+/// Between releases: everything on the primary, canary scaled to 0.
+fn steady(next: &mut RolloutStatus) -> Desired {
+    next.canary_weight = Weight::ZERO;
+    Desired {
+        primary_from_target: false,
+        canary_up: false,
+        canary_weight: Weight::ZERO,
+    }
+}
+
+fn set_phase(status: &mut RolloutStatus, phase: RolloutPhase, now: Timestamp) {
+    if status.phase != Some(phase) {
+        status.phase = Some(phase);
+        status.last_transition_time = Some(Time(now));
+    }
+}
+
+fn start_release(
+    next: &mut RolloutStatus,
+    revision: &str,
+    now: Timestamp,
+    spec: &RolloutSpec,
+    transitions: &mut Vec<Transition>,
+) {
+    set_phase(next, RolloutPhase::Progressing, now);
+    next.revision = Some(revision.to_owned());
+    next.canary_weight = Weight::ZERO;
+    next.current_step = 0;
+    next.iterations = 0;
+    next.failed_checks = 0;
+    next.verdicts.clear();
+    next.last_progress_time = Some(Time(now));
+    next.stage_started_time = None;
+    next.last_check_time = None;
+    next.message = Some(format!(
+        "waiting for the canary {} to become ready",
+        spec.target_ref.name
+    ));
+    transitions.push(Transition {
+        warning: false,
+        reason: "ReleaseStarted",
+        message: format!("new revision {revision} detected; starting the canary analysis"),
+    });
+}
+
+fn rollback(
+    next: &mut RolloutStatus,
+    now: Timestamp,
+    why: String,
+    transitions: &mut Vec<Transition>,
+) {
+    set_phase(next, RolloutPhase::Failed, now);
+    next.canary_weight = Weight::ZERO;
+    next.message = Some(format!("rolled back: {why}"));
+    transitions.push(Transition {
+        warning: true,
+        reason: "RolledBack",
+        message: format!("rolled back: {why}"),
+    });
+}
+
+/// The Progressing / Paused phase: wait for readiness, judge the stage, move up the ladder.
+#[allow(clippy::too_many_arguments)]
+fn progress(
+    spec: &RolloutSpec,
+    status: &RolloutStatus,
+    next: &mut RolloutStatus,
+    observed: &Observed,
+    checks: &Checks,
+    now: Timestamp,
+    transitions: &mut Vec<Transition>,
+) -> (Desired, Duration) {
+    let ladder = stages(&spec.analysis);
+    let interval = interval(spec);
+    let running = |weight: Weight| Desired {
+        primary_from_target: false,
+        canary_up: true,
+        canary_weight: weight,
+    };
+    let since_progress = elapsed(status.last_progress_time.as_ref(), now);
+    let since_stage = elapsed(status.stage_started_time.as_ref(), now);
+    let step = (status.current_step as usize).min(ladder.len().saturating_sub(1));
+    let stage = ladder
+        .get(step)
+        .copied()
+        .unwrap_or(Stage::Judge(Weight::ZERO));
+    let paused = matches!(stage, Stage::Pause(_));
+
+    if spec.skip_analysis && observed.canary_ready {
+        return (
+            begin_promotion(next, now, "skipAnalysis is set", transitions),
+            READINESS_POLL,
+        );
+    }
+    // The deadline counts from the last progress; pauses are waits the user asked for.
+    if !paused && since_progress > deadline(spec) {
+        let why = if !observed.canary_ready {
+            format!(
+                "the canary did not become ready within {}s",
+                spec.progress_deadline_seconds
+            )
+        } else if let Checks::Unavailable(reason) = checks {
+            format!(
+                "no progress within {}s while metrics were unavailable ({reason})",
+                spec.progress_deadline_seconds
+            )
+        } else {
+            format!(
+                "no progress within {}s ({})",
+                spec.progress_deadline_seconds,
+                next.message.clone().unwrap_or_default()
+            )
+        };
+        rollback(next, now, why, transitions);
+        return (
+            Desired {
+                primary_from_target: false,
+                canary_up: false,
+                canary_weight: Weight::ZERO,
+            },
+            interval,
+        );
+    }
+    if !observed.canary_ready {
+        next.message = Some(format!(
+            "waiting for the canary {} to become ready",
+            spec.target_ref.name
+        ));
+        return (running(status.canary_weight), READINESS_POLL);
+    }
+    // The canary is ready: the first stage takes effect.
+    if status.stage_started_time.is_none() {
+        let first = weight_at(&ladder, 0);
+        next.canary_weight = first;
+        next.last_progress_time = Some(Time(now));
+        next.stage_started_time = Some(Time(now));
+        next.message = Some(stage_message(&stage, first));
+        if first > Weight::ZERO {
+            transitions.push(Transition {
+                warning: false,
+                reason: "WeightChanged",
+                message: format!("canary ready; routing {first} of traffic to it"),
+            });
+        }
+        return (running(first), interval);
+    }
+    match stage {
+        Stage::Pause(duration) => {
+            next.phase = Some(if duration.is_none() {
+                RolloutPhase::Paused
+            } else {
+                RolloutPhase::Progressing
+            });
+            let done = match duration {
+                Some(d) => since_stage >= d,
+                None => observed.promote_requested,
+            };
+            if done {
+                return advance(spec, &ladder, step, next, now, transitions);
+            }
+            let wait = duration
+                .map(|d| d.saturating_sub(since_stage))
+                .unwrap_or(READINESS_POLL);
+            next.message = Some(match duration {
+                Some(d) => format!("paused for {}s at {}", d.as_secs(), status.canary_weight),
+                None => format!("paused at {} until promoted", status.canary_weight),
+            });
+            (
+                running(status.canary_weight),
+                wait.max(Duration::from_secs(1)),
+            )
+        }
+        Stage::Judge(weight) => match checks {
+            Checks::NotRun => {
+                let since = later_of(
+                    status.stage_started_time.as_ref(),
+                    status.last_check_time.as_ref(),
+                );
+                let wait = interval
+                    .saturating_sub(elapsed(since, now))
+                    .max(Duration::from_millis(200));
+                (running(weight), wait)
+            }
+            Checks::Unavailable(reason) => {
+                next.message = Some(format!(
+                    "frozen at {weight}: metrics unavailable ({reason})"
+                ));
+                next.last_check_time = Some(Time(now));
+                (running(weight), interval)
+            }
+            Checks::Ran(verdicts) => judge(
+                spec,
+                &ladder,
+                step,
+                weight,
+                verdicts,
+                next,
+                now,
+                transitions,
+            ),
+        },
+    }
+}
+
+fn stage_message(stage: &Stage, weight: Weight) -> String {
+    match stage {
+        Stage::Judge(_) => format!("analysing the canary at {weight}"),
+        Stage::Pause(_) => format!("paused at {weight}"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn judge(
+    spec: &RolloutSpec,
+    ladder: &[Stage],
+    step: usize,
+    weight: Weight,
+    verdicts: &[MetricVerdict],
+    next: &mut RolloutStatus,
+    now: Timestamp,
+    transitions: &mut Vec<Transition>,
+) -> (Desired, Duration) {
+    let interval = interval(spec);
+    let running = Desired {
+        primary_from_target: false,
+        canary_up: true,
+        canary_weight: weight,
+    };
+    next.last_check_time = Some(Time(now));
+    next.verdicts = verdicts.to_vec();
+    // A metric the spec asks for but the controller did not report is no data, never a pass.
+    let verdict_of = |name: &str| verdicts.iter().find(|v| v.name == name);
+    let mut failed = Vec::new();
+    let mut held = Vec::new();
+    for metric in &spec.analysis.metrics {
+        match verdict_of(&metric.name) {
+            Some(v) if v.verdict == Verdict::Pass => {}
+            Some(v) if v.verdict == Verdict::Fail => failed.push(describe(v)),
+            other => {
+                let text = other
+                    .map(describe)
+                    .unwrap_or_else(|| format!("{}: no data", metric.name));
+                match metric.on_no_data {
+                    NoDataPolicy::Fail => failed.push(text),
+                    NoDataPolicy::Hold => held.push(text),
+                }
+            }
+        }
+    }
+    if !failed.is_empty() {
+        next.failed_checks += 1;
+        let threshold = spec.analysis.threshold.max(1);
+        next.message = Some(format!(
+            "check failed at {weight} ({}/{threshold}): {}",
+            next.failed_checks,
+            failed.join(", ")
+        ));
+        if next.failed_checks >= threshold {
+            rollback(
+                next,
+                now,
+                format!(
+                    "{} failed checks at {weight}: {}",
+                    next.failed_checks,
+                    failed.join(", ")
+                ),
+                transitions,
+            );
+            return (
+                Desired {
+                    primary_from_target: false,
+                    canary_up: false,
+                    canary_weight: Weight::ZERO,
+                },
+                interval,
+            );
+        }
+        return (running, interval);
+    }
+    if !held.is_empty() {
+        next.message = Some(format!("holding at {weight}: {}", held.join(", ")));
+        return (running, interval);
+    }
+    if spec.analysis.failure_counting == FailureCounting::Consecutive {
+        next.failed_checks = 0;
+    }
+    next.iterations += 1;
+    advance(spec, ladder, step, next, now, transitions)
+}
+
+fn describe(v: &MetricVerdict) -> String {
+    match (v.verdict, v.value) {
+        (Verdict::NoData, _) => format!("{}: no data", v.name),
+        (_, Some(value)) => format!("{} {value:.2}", v.name),
+        (_, None) => v.name.clone(),
+    }
+}
+
+/// Moves to the stage after `step`, or promotes after the last one.
+fn advance(
+    spec: &RolloutSpec,
+    ladder: &[Stage],
+    step: usize,
+    next: &mut RolloutStatus,
+    now: Timestamp,
+    transitions: &mut Vec<Transition>,
+) -> (Desired, Duration) {
+    let interval = interval(spec);
+    if step + 1 >= ladder.len() {
+        return (
+            begin_promotion(next, now, "every stage passed", transitions),
+            READINESS_POLL,
+        );
+    }
+    let next_step = step + 1;
+    let weight = weight_at(ladder, next_step).min(max_weight(ladder));
+    next.phase = Some(RolloutPhase::Progressing);
+    next.current_step = u32::try_from(next_step).unwrap_or(u32::MAX);
+    next.last_progress_time = Some(Time(now));
+    next.stage_started_time = Some(Time(now));
+    let stage = ladder[next_step];
+    next.message = Some(stage_message(&stage, weight));
+    if weight != next.canary_weight {
+        transitions.push(Transition {
+            warning: false,
+            reason: "WeightChanged",
+            message: format!(
+                "checks passed at {}; routing {weight} to the canary",
+                next.canary_weight
+            ),
+        });
+    }
+    next.canary_weight = weight;
+    let wait = match stage {
+        Stage::Pause(Some(d)) => d.max(Duration::from_secs(1)),
+        Stage::Pause(None) => READINESS_POLL,
+        Stage::Judge(_) => interval,
+    };
+    (
+        Desired {
+            primary_from_target: false,
+            canary_up: true,
+            canary_weight: weight,
+        },
+        wait,
+    )
+}
+
+fn begin_promotion(
+    next: &mut RolloutStatus,
+    now: Timestamp,
+    why: &str,
+    transitions: &mut Vec<Transition>,
+) -> Desired {
+    set_phase(next, RolloutPhase::Promoting, now);
+    next.last_progress_time = Some(Time(now));
+    let revision = next.revision.clone().unwrap_or_default();
+    next.message = Some(format!("promoting revision {revision}: {why}"));
+    transitions.push(Transition {
+        warning: false,
+        reason: "Promoting",
+        message: format!("{why}; copying revision {revision} to the primary"),
+    });
+    Desired {
+        primary_from_target: true,
+        canary_up: true,
+        canary_weight: next.canary_weight,
+    }
+}
+
+/// Sets conditions and observedGeneration. Everything else was decided by the caller.
+fn finish(
+    mut next: RolloutStatus,
+    before: &RolloutStatus,
+    generation: i64,
+    now: Timestamp,
+    desired: Option<Desired>,
+    transitions: Vec<Transition>,
+    requeue_after: Duration,
+) -> Plan {
+    next.observed_generation = Some(generation);
+    let phase = next.phase;
+    let frozen = next
+        .message
+        .as_deref()
+        .is_some_and(|m| m.starts_with("frozen"));
+    let (ready, ready_reason) = match phase {
+        Some(RolloutPhase::Failed) => (false, "RolledBack"),
+        None | Some(RolloutPhase::Initializing) => (false, "Initializing"),
+        _ => (true, "Serving"),
+    };
+    let (progressing, progressing_reason) = match phase {
+        Some(RolloutPhase::Progressing) if frozen => (true, "Frozen"),
+        Some(RolloutPhase::Progressing) => (true, "Analysing"),
+        Some(RolloutPhase::Paused) => (true, "Paused"),
+        Some(RolloutPhase::Promoting) => (true, "Promoting"),
+        Some(RolloutPhase::Failed) => (false, "RolledBack"),
+        _ => (false, "Idle"),
+    };
+    let promoted = matches!(
+        phase,
+        Some(RolloutPhase::Initialized | RolloutPhase::Succeeded)
+    );
+    let promoted_reason = match phase {
+        Some(RolloutPhase::Initialized) => "Initialized",
+        Some(RolloutPhase::Succeeded) => "Succeeded",
+        Some(RolloutPhase::Failed) => "RolledBack",
+        _ => "ReleaseInProgress",
+    };
+    let message = next.message.clone().unwrap_or_default();
+    set_condition(
+        &mut next.conditions,
+        "Ready",
+        ready,
+        ready_reason,
+        &message,
+        generation,
+        now,
+    );
+    set_condition(
+        &mut next.conditions,
+        "Progressing",
+        progressing,
+        progressing_reason,
+        &message,
+        generation,
+        now,
+    );
+    set_condition(
+        &mut next.conditions,
+        "Promoted",
+        promoted,
+        promoted_reason,
+        &message,
+        generation,
+        now,
+    );
+    set_condition(
+        &mut next.conditions,
+        "InvalidSpec",
+        false,
+        "Valid",
+        "",
+        generation,
+        now,
+    );
+    if next.phase != before.phase && next.last_transition_time == before.last_transition_time {
+        next.last_transition_time = Some(Time(now));
+    }
+    Plan {
+        status: next,
+        desired,
+        transitions,
+        requeue_after,
+    }
+}
+
+/// Updates or adds a condition; `lastTransitionTime` moves only when the status flips.
+pub fn set_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    generation: i64,
+    now: Timestamp,
+) {
+    let status = if status { "True" } else { "False" }.to_owned();
+    let existing = conditions.iter_mut().find(|c| c.type_ == type_);
+    match existing {
+        Some(c) => {
+            if c.status != status {
+                c.last_transition_time = Time(now);
+            }
+            c.status = status;
+            c.reason = reason.to_owned();
+            c.message = message.to_owned();
+            c.observed_generation = Some(generation);
+        }
+        None => conditions.push(Condition {
+            type_: type_.to_owned(),
+            status,
+            reason: reason.to_owned(),
+            message: message.to_owned(),
+            observed_generation: Some(generation),
+            last_transition_time: Time(now),
+        }),
+    }
+}

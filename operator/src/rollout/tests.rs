@@ -1,0 +1,497 @@
+//! Planner scenarios and invariants, driven by a small simulated world (no client, no clock).
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use proptest::prelude::*;
+use serde_json::json;
+
+use super::*;
+use crate::api::{MetricVerdict, RolloutPhase, RolloutSpec, RolloutStatus, Verdict, Weight};
+
+fn spec(analysis: serde_json::Value) -> RolloutSpec {
+    serde_json::from_value(json!({
+        "targetRef": {"kind": "Deployment", "name": "podinfo"},
+        "service": {"port": 9898},
+        "progressDeadlineSeconds": 60,
+        "analysis": analysis,
+    }))
+    .expect("valid spec")
+}
+
+fn canary_spec() -> RolloutSpec {
+    spec(json!({
+        "interval": "5s", "threshold": 2, "stepWeight": 20, "maxWeight": 60,
+        "metrics": [{"name": "request-success-rate", "thresholdRange": {"min": 99}}]
+    }))
+}
+
+/// How the simulated metrics answer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Health {
+    Good,
+    Bad,
+    NoData,
+    Unavailable,
+}
+
+/// The world the controller would see: workloads that follow the desired state, metrics that follow `health`.
+struct World {
+    spec: RolloutSpec,
+    status: RolloutStatus,
+    observed: Observed,
+    now: Timestamp,
+    canary_can_be_ready: bool,
+    health: Health,
+    log: Vec<(Plan, Checks)>,
+}
+
+impl World {
+    fn new(spec: RolloutSpec) -> World {
+        World {
+            spec,
+            status: RolloutStatus::default(),
+            observed: Observed {
+                target_revision: Some("r1".into()),
+                ..Observed::default()
+            },
+            now: "2026-01-01T00:00:00Z".parse().expect("timestamp"),
+            canary_can_be_ready: true,
+            health: Health::Good,
+            log: Vec::new(),
+        }
+    }
+
+    fn checks(&self) -> Checks {
+        if !checks_due(&self.spec, &self.status, &self.observed, self.now) {
+            return Checks::NotRun;
+        }
+        let verdict = match self.health {
+            Health::Good => (Verdict::Pass, Some(99.9)),
+            Health::Bad => (Verdict::Fail, Some(80.0)),
+            Health::NoData => (Verdict::NoData, None),
+            Health::Unavailable => return Checks::Unavailable("connection refused".into()),
+        };
+        Checks::Ran(
+            self.spec
+                .analysis
+                .metrics
+                .iter()
+                .map(|m| MetricVerdict {
+                    name: m.name.clone(),
+                    verdict: verdict.0,
+                    value: verdict.1,
+                    checked_at: Time(self.now),
+                })
+                .collect(),
+        )
+    }
+
+    /// One reconcile, then the world converges to what was asked, then `dt` passes.
+    fn tick(&mut self, dt: Duration) -> Plan {
+        let checks = self.checks();
+        let input = PlanInput {
+            spec: &self.spec,
+            status: &self.status,
+            generation: 1,
+            observed: &self.observed,
+            checks: &checks,
+            now: self.now,
+        };
+        let plan = plan(input);
+        assert_eq!(
+            plan,
+            super::plan(input),
+            "the planner must be deterministic"
+        );
+        if let Some(desired) = plan.desired {
+            if desired.primary_from_target {
+                self.observed.primary_revision = self.observed.target_revision.clone();
+                self.observed.primary_ready = true;
+            }
+            self.observed.canary_ready = desired.canary_up && self.canary_can_be_ready;
+        }
+        self.status = plan.status.clone();
+        self.log.push((plan.clone(), checks));
+        self.now += jiff::SignedDuration::try_from(dt).expect("duration");
+        plan
+    }
+
+    fn run(&mut self, seconds: u64) {
+        for _ in 0..seconds {
+            self.tick(Duration::from_secs(1));
+        }
+    }
+
+    fn phase(&self) -> Option<RolloutPhase> {
+        self.status.phase
+    }
+
+    fn weights(&self) -> Vec<u8> {
+        let mut seen: Vec<u8> = Vec::new();
+        for (plan, _) in &self.log {
+            if let Some(d) = plan.desired
+                && seen.last() != Some(&d.canary_weight.get())
+            {
+                seen.push(d.canary_weight.get());
+            }
+        }
+        seen
+    }
+
+    fn reasons(&self) -> Vec<&'static str> {
+        self.log
+            .iter()
+            .flat_map(|(p, _)| p.transitions.iter().map(|t| t.reason))
+            .collect()
+    }
+
+    fn new_revision(&mut self, revision: &str) {
+        self.observed.target_revision = Some(revision.into());
+        self.observed.canary_ready = false;
+    }
+}
+
+fn initialized(spec: RolloutSpec) -> World {
+    let mut world = World::new(spec);
+    world.run(3);
+    assert_eq!(world.phase(), Some(RolloutPhase::Initialized));
+    world.log.clear();
+    world
+}
+
+#[test]
+fn first_sight_creates_the_primary_and_routes_everything_to_it() {
+    let mut world = World::new(canary_spec());
+    let plan = world.tick(Duration::from_secs(1));
+    assert_eq!(plan.status.phase, Some(RolloutPhase::Initializing));
+    assert_eq!(
+        plan.desired,
+        Some(Desired {
+            primary_from_target: true,
+            canary_up: false,
+            canary_weight: Weight::ZERO
+        })
+    );
+    let plan = world.tick(Duration::from_secs(1));
+    assert_eq!(plan.status.phase, Some(RolloutPhase::Initialized));
+    assert_eq!(plan.status.last_promoted_revision.as_deref(), Some("r1"));
+    assert_eq!(world.reasons(), vec!["Initialized"]);
+}
+
+#[test]
+fn a_healthy_release_walks_every_step_and_is_promoted() {
+    let mut world = initialized(canary_spec());
+    world.new_revision("r2");
+    world.run(60);
+    assert_eq!(world.phase(), Some(RolloutPhase::Succeeded));
+    assert_eq!(world.weights(), vec![0, 20, 40, 60, 0]);
+    assert_eq!(world.status.last_promoted_revision.as_deref(), Some("r2"));
+    assert_eq!(world.observed.primary_revision.as_deref(), Some("r2"));
+    assert!(
+        !world.observed.canary_ready,
+        "the canary is scaled to 0 after promotion"
+    );
+    assert_eq!(
+        world.reasons(),
+        vec![
+            "ReleaseStarted",
+            "WeightChanged",
+            "WeightChanged",
+            "WeightChanged",
+            "Promoting",
+            "Promoted"
+        ]
+    );
+    // Each weight was held for one full interval before the next.
+    let changes: Vec<Timestamp> = world
+        .log
+        .iter()
+        .filter(|(p, _)| p.transitions.iter().any(|t| t.reason == "WeightChanged"))
+        .filter_map(|(p, _)| p.status.stage_started_time.as_ref().map(|t| t.0))
+        .collect();
+    for pair in changes.windows(2) {
+        assert!(pair[1].duration_since(pair[0]).as_secs() >= 5, "{pair:?}");
+    }
+}
+
+#[test]
+fn failing_checks_roll_back_at_the_threshold() {
+    let mut world = initialized(canary_spec());
+    world.new_revision("r2");
+    world.health = Health::Bad;
+    world.run(30);
+    assert_eq!(world.phase(), Some(RolloutPhase::Failed));
+    assert_eq!(world.status.failed_checks, 2);
+    let last = &world.log.last().expect("ticks").0;
+    assert_eq!(
+        last.desired,
+        Some(Desired {
+            primary_from_target: false,
+            canary_up: false,
+            canary_weight: Weight::ZERO
+        })
+    );
+    let rolled_back: Vec<_> = world
+        .log
+        .iter()
+        .flat_map(|(p, _)| &p.transitions)
+        .filter(|t| t.reason == "RolledBack")
+        .collect();
+    assert_eq!(rolled_back.len(), 1, "exactly one rollback transition");
+    assert!(
+        rolled_back[0]
+            .message
+            .contains("request-success-rate 80.00"),
+        "{}",
+        rolled_back[0].message
+    );
+    assert_eq!(
+        world.observed.primary_revision.as_deref(),
+        Some("r1"),
+        "the primary keeps the old revision"
+    );
+    // The failed revision is not retried until the target changes again.
+    world.health = Health::Good;
+    world.run(30);
+    assert_eq!(world.phase(), Some(RolloutPhase::Failed));
+    world.new_revision("r3");
+    world.run(60);
+    assert_eq!(world.phase(), Some(RolloutPhase::Succeeded));
+}
+
+#[test]
+fn no_data_holds_and_the_deadline_rolls_back() {
+    let mut world = initialized(canary_spec());
+    world.new_revision("r2");
+    world.health = Health::NoData;
+    world.run(50);
+    assert_eq!(world.phase(), Some(RolloutPhase::Progressing));
+    assert_eq!(
+        world.status.canary_weight.get(),
+        20,
+        "held at the first step"
+    );
+    world.run(30);
+    assert_eq!(world.phase(), Some(RolloutPhase::Failed));
+    assert!(
+        world
+            .status
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("no progress within 60s"))
+    );
+}
+
+#[test]
+fn unavailable_metrics_freeze_then_roll_back_at_the_deadline() {
+    let mut world = initialized(canary_spec());
+    world.new_revision("r2");
+    world.run(12);
+    let frozen_at = world.status.canary_weight;
+    assert!(frozen_at.get() > 0);
+    world.health = Health::Unavailable;
+    world.run(20);
+    assert_eq!(
+        world.status.canary_weight, frozen_at,
+        "weights stay while frozen"
+    );
+    let progressing = world
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Progressing")
+        .expect("condition");
+    assert_eq!(progressing.reason, "Frozen");
+    world.run(60);
+    assert_eq!(world.phase(), Some(RolloutPhase::Failed));
+    assert!(
+        world
+            .status
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("metrics unavailable"))
+    );
+}
+
+#[test]
+fn a_canary_that_never_becomes_ready_is_rolled_back_at_the_deadline() {
+    let mut world = initialized(canary_spec());
+    world.canary_can_be_ready = false;
+    world.new_revision("r2");
+    world.run(59);
+    assert_eq!(world.phase(), Some(RolloutPhase::Progressing));
+    world.run(3);
+    assert_eq!(world.phase(), Some(RolloutPhase::Failed));
+    assert!(
+        world
+            .status
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("did not become ready"))
+    );
+}
+
+#[test]
+fn a_new_revision_mid_release_restarts_the_analysis() {
+    let mut world = initialized(canary_spec());
+    world.new_revision("r2");
+    world.run(12);
+    assert!(world.status.canary_weight.get() >= 20);
+    world.new_revision("r3");
+    world.tick(Duration::from_secs(1));
+    assert_eq!(world.status.revision.as_deref(), Some("r3"));
+    assert_eq!(world.status.canary_weight, Weight::ZERO);
+    assert_eq!(world.status.current_step, 0);
+    world.run(60);
+    assert_eq!(world.phase(), Some(RolloutPhase::Succeeded));
+    assert_eq!(world.status.last_promoted_revision.as_deref(), Some("r3"));
+    assert!(world.reasons().contains(&"RevisionChanged"));
+}
+
+#[test]
+fn explicit_steps_pause_and_wait_for_a_manual_promote() {
+    let mut world = initialized(spec(json!({
+        "interval": "2s",
+        "steps": [{"setWeight": 10}, {"pause": {"duration": "5s"}}, {"setWeight": 30}, {"pause": {}}, {"setWeight": 50}],
+        "metrics": [{"name": "request-success-rate", "thresholdRange": {"min": 99}}]
+    })));
+    world.new_revision("r2");
+    world.run(200);
+    assert_eq!(
+        world.phase(),
+        Some(RolloutPhase::Paused),
+        "an indefinite pause waits, deadline or not"
+    );
+    assert_eq!(world.status.canary_weight.get(), 30);
+    world.observed.promote_requested = true;
+    world.run(20);
+    assert_eq!(world.phase(), Some(RolloutPhase::Succeeded));
+    assert_eq!(world.weights(), vec![0, 10, 30, 50, 0]);
+}
+
+#[test]
+fn suspend_touches_nothing_and_skip_analysis_promotes_at_once() {
+    let mut suspended = canary_spec();
+    suspended.suspend = true;
+    let mut world = initialized(canary_spec());
+    world.spec = suspended;
+    world.new_revision("r2");
+    let before = world.status.clone();
+    let plan = world.tick(Duration::from_secs(1));
+    assert_eq!(plan.desired, None);
+    assert_eq!(plan.status, before);
+
+    let mut skip = canary_spec();
+    skip.skip_analysis = true;
+    let mut world = initialized(skip);
+    world.new_revision("r2");
+    world.run(10);
+    assert_eq!(world.phase(), Some(RolloutPhase::Succeeded));
+    assert!(
+        world
+            .log
+            .iter()
+            .all(|(_, checks)| *checks == Checks::NotRun),
+        "no metric is queried"
+    );
+}
+
+#[test]
+fn a_steady_rollout_plans_the_same_status_again() {
+    let mut world = initialized(canary_spec());
+    let before = world.status.clone();
+    world.run(5);
+    assert_eq!(
+        world.status, before,
+        "no status change means no status write"
+    );
+}
+
+fn arbitrary_spec() -> impl Strategy<Value = RolloutSpec> {
+    let strategy = prop_oneof![
+        (1u8..=60, 10u8..=100)
+            .prop_map(|(step, max)| json!({"stepWeight": step, "maxWeight": max.max(step)})),
+        proptest::collection::btree_set(1u8..=100, 1..5)
+            .prop_map(|ws| json!({"stepWeights": ws.into_iter().collect::<Vec<_>>()})),
+        (1u32..4).prop_map(|n| json!({"iterations": n})),
+    ];
+    (strategy, 1u64..6, 1u32..4, any::<bool>(), any::<bool>(), 20u32..90).prop_map(
+        |(strategy, interval, threshold, fail_on_no_data, consecutive, deadline)| {
+            let mut analysis = json!({
+                "interval": format!("{interval}s"),
+                "threshold": threshold,
+                "failureCounting": if consecutive { "consecutive" } else { "cumulative" },
+                "metrics": [
+                    {"name": "request-success-rate", "thresholdRange": {"min": 99}, "onNoData": if fail_on_no_data { "fail" } else { "hold" }},
+                    {"name": "request-duration", "thresholdRange": {"max": 500}}
+                ]
+            });
+            if let (Some(a), Some(s)) = (analysis.as_object_mut(), strategy.as_object()) {
+                a.extend(s.clone());
+            }
+            let mut spec = spec(analysis);
+            spec.progress_deadline_seconds = deadline;
+            spec
+        },
+    )
+}
+
+fn health() -> impl Strategy<Value = Health> {
+    prop_oneof![
+        Just(Health::Good),
+        Just(Health::Bad),
+        Just(Health::NoData),
+        Just(Health::Unavailable)
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Whatever the metrics do: weights stay in [0, max], a promotion follows only a stage whose every metric
+    /// passed, no-data never advances, a rollback leaves 100% primary with the canary at 0, and the release
+    /// ends (promoted or rolled back) once the deadline has had time to act.
+    #[test]
+    fn planner_invariants(spec in arbitrary_spec(), healths in proptest::collection::vec(health(), 1..12), ready in any::<bool>()) {
+        let mut world = initialized(spec.clone());
+        world.canary_can_be_ready = ready;
+        world.new_revision("r2");
+        let ladder = stages(&spec.analysis);
+        let cap = stages::max_weight(&ladder);
+        let per_health = 20u64;
+        for h in &healths {
+            world.health = *h;
+            world.run(per_health);
+        }
+        // Give the deadline room to act, with metrics stuck at no data.
+        world.health = Health::NoData;
+        world.run(u64::from(spec.progress_deadline_seconds) + 10);
+
+        for (plan, checks) in &world.log {
+            if let Some(d) = plan.desired {
+                prop_assert!(d.canary_weight <= cap, "weight {} above {}", d.canary_weight, cap);
+                prop_assert_eq!(d.canary_weight.get() + d.canary_weight.complement().get(), 100);
+            }
+            let promoting = plan.transitions.iter().any(|t| t.reason == "Promoting");
+            if promoting {
+                let all_passed = matches!(checks, Checks::Ran(vs) if spec.analysis.metrics.iter().all(|m| vs.iter().any(|v| v.name == m.name && v.verdict == Verdict::Pass)));
+                prop_assert!(all_passed, "promoted without every metric passing: {:?}", checks);
+            }
+            if let Checks::Ran(vs) = checks
+                && vs.iter().any(|v| v.verdict != Verdict::Pass) {
+                    prop_assert!(!plan.transitions.iter().any(|t| t.reason == "WeightChanged" || t.reason == "Promoting"),
+                        "advanced on a check that was not a pass");
+                }
+            if plan.transitions.iter().any(|t| t.reason == "RolledBack") {
+                prop_assert_eq!(plan.desired, Some(Desired { primary_from_target: false, canary_up: false, canary_weight: Weight::ZERO }));
+                prop_assert_eq!(plan.status.phase, Some(RolloutPhase::Failed));
+            }
+        }
+        prop_assert!(
+            matches!(world.phase(), Some(RolloutPhase::Succeeded | RolloutPhase::Failed)),
+            "the release must end: {:?} {:?}", world.phase(), world.status.message
+        );
+    }
+}

@@ -1,0 +1,411 @@
+//! Traffic routers: one per mesh, each a pure function from (route target, weight split) to the route object
+//! Sluice server-side applies, and back from a live route object to the split it sends.
+
+mod gatewayapi;
+mod istio;
+
+pub use gatewayapi::GatewayApiRouter;
+pub use istio::IstioRouter;
+
+use std::fmt;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use serde_json::{Value, json};
+
+use crate::api::{MANAGED_BY_LABEL, Provider, Weight};
+
+/// Names and ports of what a Rollout routes, resolved from its spec.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteTarget {
+    /// Name of the route object; always the apex service name.
+    pub name: String,
+    pub namespace: String,
+    /// `<svc>`: the Service clients call.
+    pub apex: String,
+    /// `<svc>-primary`: the stable version.
+    pub primary: String,
+    /// `<svc>-canary`: the version being released.
+    pub canary: String,
+    pub port: u16,
+    /// Extra hosts (Istio `hosts` / HTTPRoute `hostnames`).
+    pub hosts: Vec<String>,
+    /// Istio gateways or Gateway API parent Gateways, as `name` or `namespace/name`.
+    pub gateways: Vec<String>,
+    /// The Rollout, as controller, so the route is garbage-collected with it.
+    pub owner: OwnerReference,
+}
+
+impl RouteTarget {
+    /// A target for service `<service>` with the Flagger-compatible `-primary`/`-canary` names and no extra
+    /// hosts or gateways.
+    pub fn new(
+        service: impl Into<String>,
+        namespace: impl Into<String>,
+        port: u16,
+        owner: OwnerReference,
+    ) -> RouteTarget {
+        let apex = service.into();
+        RouteTarget {
+            name: apex.clone(),
+            namespace: namespace.into(),
+            primary: format!("{apex}-primary"),
+            canary: format!("{apex}-canary"),
+            apex,
+            port,
+            hosts: Vec::new(),
+            gateways: Vec::new(),
+            owner,
+        }
+    }
+
+    /// Common envelope of every route object: identity, the managed-by label and the controller owner.
+    fn object(&self, api_version: &str, kind: &str, spec: Value) -> Value {
+        let (label, value) = MANAGED_BY_LABEL;
+        json!({
+            "apiVersion": api_version,
+            "kind": kind,
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "labels": {label: value},
+                "ownerReferences": [self.owner],
+            },
+            "spec": spec,
+        })
+    }
+}
+
+/// A two-way traffic split; always totals 100.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Split {
+    primary: Weight,
+    canary: Weight,
+}
+
+impl Split {
+    /// Everything on the primary: the state between releases and after a rollback.
+    pub fn all_primary() -> Split {
+        Split::with_canary(Weight::ZERO)
+    }
+
+    /// `canary` on the canary, the rest on the primary.
+    pub fn with_canary(canary: Weight) -> Split {
+        Split {
+            primary: canary.complement(),
+            canary,
+        }
+    }
+
+    pub fn primary(&self) -> Weight {
+        self.primary
+    }
+
+    pub fn canary(&self) -> Weight {
+        self.canary
+    }
+}
+
+impl fmt::Display for Split {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "primary {} / canary {}", self.primary, self.canary)
+    }
+}
+
+/// Writes and reads the route object of one mesh.
+pub trait Router: Send + Sync {
+    /// Group/version/kind/plural of the route object (for a kube DynamicObject Api).
+    fn api_resource(&self) -> kube::core::ApiResource;
+
+    /// The complete route object to server-side apply for this split: apiVersion, kind, metadata (name,
+    /// namespace, managed-by label, the owner) and spec.
+    fn desired(&self, target: &RouteTarget, split: Split) -> Value;
+
+    /// The split a live route object currently sends, if it is one Sluice wrote.
+    ///
+    /// `Some(split)` only when the live `spec` still holds everything `desired(target, split)` puts there;
+    /// an object someone else edited (a destination removed, weights not totalling 100, other hosts or
+    /// parents, an extra rule) reads as `None`, which tells the caller to apply again. Extra keys inside maps
+    /// (API-server defaults, fields other managers own) are ignored: re-applying would not remove them, so
+    /// counting them as drift would only cause useless writes.
+    fn observed_split(&self, live: &Value, target: &RouteTarget) -> Option<Split>;
+
+    /// Which provider this is (for messages).
+    fn provider(&self) -> Provider;
+}
+
+/// The router for a mesh. Linkerd, SMI or Consul routers slot in here as new `Provider` variants.
+pub fn router_for(provider: Provider) -> Box<dyn Router> {
+    match provider {
+        Provider::Istio => Box::new(IstioRouter),
+        Provider::GatewayApi => Box::new(GatewayApiRouter),
+    }
+}
+
+/// Reads a JSON number as a weight; `None` for anything that is not an integer in 0..=100.
+fn weight_of(value: &Value) -> Option<Weight> {
+    value
+        .as_u64()
+        .and_then(|raw| u8::try_from(raw).ok())
+        .and_then(Weight::new)
+}
+
+/// Shared tail of `observed_split`: the candidate split read from the live object counts only if the live
+/// object still carries what Sluice would write for it.
+fn confirm(
+    router: &dyn Router,
+    live: &Value,
+    target: &RouteTarget,
+    primary: Weight,
+    canary: Weight,
+) -> Option<Split> {
+    let split = Split::with_canary(canary);
+    if split.primary() != primary {
+        return None;
+    }
+    let desired = router.desired(target, split);
+    let same_kind = live.get("kind") == desired.get("kind");
+    let holds_spec = match (desired.get("spec"), live.get("spec")) {
+        (Some(want), Some(have)) => contains(have, want),
+        _ => false,
+    };
+    (same_kind && holds_spec).then_some(split)
+}
+
+/// Whether `have` holds `want`: equal scalars, arrays of the same length whose elements hold each other,
+/// and objects with every key of `want` (extra keys in `have` allowed).
+fn contains(have: &Value, want: &Value) -> bool {
+    match (have, want) {
+        (Value::Object(have), Value::Object(want)) => want
+            .iter()
+            .all(|(key, w)| have.get(key).is_some_and(|h| contains(h, w))),
+        (Value::Array(have), Value::Array(want)) => {
+            have.len() == want.len() && have.iter().zip(want).all(|(h, w)| contains(h, w))
+        }
+        // Compare numbers by value so 10 and 10.0 (or i64 and u64) agree.
+        (Value::Number(h), Value::Number(w)) => h.as_f64() == w.as_f64(),
+        _ => have == want,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A named edit someone else might make to a live route object.
+    pub(crate) type Edit = (&'static str, fn(&mut Value));
+
+    pub(crate) fn owner() -> OwnerReference {
+        OwnerReference {
+            api_version: "sluice.dev/v1alpha1".into(),
+            kind: "Rollout".into(),
+            name: "podinfo".into(),
+            uid: "6c1f3a52-1e0b-4c3e-9a57-2f1d5f9a0b11".into(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        }
+    }
+
+    pub(crate) fn plain_target() -> RouteTarget {
+        RouteTarget::new("podinfo", "test", 9898, owner())
+    }
+
+    pub(crate) fn exposed_target() -> RouteTarget {
+        RouteTarget {
+            hosts: vec!["app.example.com".into(), "podinfo.example.org".into()],
+            gateways: vec![
+                "public-gateway".into(),
+                "istio-system/shared-gateway".into(),
+            ],
+            ..plain_target()
+        }
+    }
+
+    pub(crate) fn split(canary: u8) -> Split {
+        match Weight::new(canary) {
+            Some(weight) => Split::with_canary(weight),
+            None => panic!("{canary} is not a weight"),
+        }
+    }
+
+    fn routers() -> Vec<Box<dyn Router>> {
+        vec![
+            router_for(Provider::Istio),
+            router_for(Provider::GatewayApi),
+        ]
+    }
+
+    /// Every integer weight found under a key named `weight`.
+    fn weights(value: &Value) -> Vec<u64> {
+        match value {
+            Value::Object(map) => map
+                .iter()
+                .flat_map(|(key, v)| match (key.as_str(), v.as_u64()) {
+                    ("weight", Some(w)) => vec![w],
+                    _ => weights(v),
+                })
+                .collect(),
+            Value::Array(items) => items.iter().flat_map(weights).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn split_always_totals_100() {
+        for canary in 0..=100 {
+            let s = split(canary);
+            assert_eq!(
+                u16::from(s.primary().get()) + u16::from(s.canary().get()),
+                100
+            );
+        }
+        assert_eq!(Split::all_primary().primary(), Weight::FULL);
+        assert_eq!(split(10).to_string(), "primary 90% / canary 10%");
+    }
+
+    #[test]
+    fn router_for_returns_the_requested_provider() {
+        for provider in [Provider::Istio, Provider::GatewayApi] {
+            assert_eq!(router_for(provider).provider(), provider);
+        }
+        let istio = router_for(Provider::Istio).api_resource();
+        assert_eq!(
+            (
+                istio.api_version.as_str(),
+                istio.kind.as_str(),
+                istio.plural.as_str()
+            ),
+            (
+                "networking.istio.io/v1",
+                "VirtualService",
+                "virtualservices"
+            )
+        );
+        let gateway = router_for(Provider::GatewayApi).api_resource();
+        assert_eq!(
+            (
+                gateway.api_version.as_str(),
+                gateway.kind.as_str(),
+                gateway.plural.as_str()
+            ),
+            ("gateway.networking.k8s.io/v1", "HTTPRoute", "httproutes")
+        );
+    }
+
+    #[test]
+    fn every_split_reads_back_and_totals_100() {
+        for router in routers() {
+            for target in [plain_target(), exposed_target()] {
+                for canary in 0..=100 {
+                    let s = split(canary);
+                    let object = router.desired(&target, s);
+                    assert_eq!(weights(&object).iter().sum::<u64>(), 100, "{object}");
+                    assert_eq!(weights(&object).len(), 2, "both destinations, even at 0");
+                    assert_eq!(router.observed_split(&object, &target), Some(s));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn envelope_is_owned_and_labelled() {
+        for router in routers() {
+            let object = router.desired(&plain_target(), split(10));
+            let resource = router.api_resource();
+            assert_eq!(object["apiVersion"], resource.api_version.as_str());
+            assert_eq!(object["kind"], resource.kind.as_str());
+            assert_eq!(object["metadata"]["name"], "podinfo");
+            assert_eq!(object["metadata"]["namespace"], "test");
+            assert_eq!(
+                object["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+                "sluice"
+            );
+            assert_eq!(object["metadata"]["ownerReferences"][0]["controller"], true);
+            assert_eq!(
+                object["metadata"]["ownerReferences"][0]["uid"],
+                owner().uid.as_str()
+            );
+        }
+    }
+
+    #[test]
+    fn server_additions_do_not_count_as_drift() {
+        for router in routers() {
+            let target = exposed_target();
+            let mut live = router.desired(&target, split(30));
+            // What the API server adds on its own.
+            live["metadata"]["resourceVersion"] = json!("42");
+            live["metadata"]["managedFields"] = json!([{"manager": "sluice.dev/operator"}]);
+            live["status"] = json!({"parents": []});
+            live["spec"]["someDefaultedField"] = json!(true);
+            assert_eq!(router.observed_split(&live, &target), Some(split(30)));
+        }
+    }
+
+    #[test]
+    fn unreadable_objects_read_as_none() {
+        for router in routers() {
+            let target = plain_target();
+            for live in [
+                json!(null),
+                json!({}),
+                json!({"spec": {}}),
+                json!({"spec": []}),
+            ] {
+                assert_eq!(router.observed_split(&live, &target), None, "{live}");
+            }
+            // Another mesh's route object is not ours to read.
+            let other = routers()
+                .into_iter()
+                .find(|r| r.provider() != router.provider())
+                .map(|r| r.desired(&target, split(10)));
+            if let Some(other) = other {
+                assert_eq!(router.observed_split(&other, &target), None);
+            }
+            // The same object for a different service is drift too.
+            let elsewhere = RouteTarget::new("other", "test", 9898, owner());
+            let live = router.desired(&elsewhere, split(10));
+            assert_eq!(router.observed_split(&live, &target), None);
+        }
+    }
+
+    #[test]
+    fn containment_rules() {
+        assert!(contains(&json!({"a": 1, "b": 2}), &json!({"a": 1})));
+        assert!(!contains(&json!({"a": 1}), &json!({"a": 1, "b": 2})));
+        assert!(contains(&json!([{"a": 1, "x": 0}]), &json!([{"a": 1}])));
+        assert!(!contains(&json!([{"a": 1}, {"a": 2}]), &json!([{"a": 1}])));
+        assert!(contains(&json!(10.0), &json!(10)));
+        assert!(!contains(&json!("10"), &json!(10)));
+    }
+
+    fn name() -> impl Strategy<Value = String> {
+        "[a-z][a-z0-9-]{0,20}"
+    }
+
+    proptest! {
+        #[test]
+        fn any_target_and_split_round_trip(
+            service in name(),
+            namespace in name(),
+            port in 1u16..,
+            hosts in proptest::collection::vec("[a-z]{1,8}\\.example\\.com", 0..3),
+            gateways in proptest::collection::vec(
+                (proptest::option::of(name()), name()).prop_map(|(ns, n)| match ns {
+                    Some(ns) => format!("{ns}/{n}"),
+                    None => n,
+                }),
+                0..3,
+            ),
+            canary in 0u8..=100,
+        ) {
+            let target = RouteTarget { hosts, gateways, ..RouteTarget::new(service, namespace, port, owner()) };
+            for router in routers() {
+                let s = split(canary);
+                let object = router.desired(&target, s);
+                prop_assert_eq!(weights(&object).iter().sum::<u64>(), 100);
+                prop_assert_eq!(router.observed_split(&object, &target), Some(s));
+            }
+        }
+    }
+}
