@@ -11,6 +11,7 @@ mod discovery;
 pub mod harness;
 pub mod kubelet;
 pub mod merge;
+pub mod prometheus;
 mod protobuf;
 mod registry;
 pub mod schema;

@@ -4,5 +4,8 @@
 
 pub mod api;
 pub mod cli;
+pub mod controller;
+pub mod metrics;
 pub mod rollout;
+pub mod telemetry;
 pub mod traffic;

@@ -16,6 +16,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the Rollout controller (uses $KUBECONFIG, or the in-cluster service account).
+    Operator(OperatorArgs),
     /// Print the CustomResourceDefinitions as YAML (or write one file per CRD with --out-dir).
     Crd {
         /// Write `<crd-name>.yaml` files into this directory instead of printing.
@@ -24,8 +26,46 @@ pub enum Command {
     },
 }
 
+#[derive(Debug, clap::Args)]
+pub struct OperatorArgs {
+    /// Prometheus that scrapes the mesh; every Rollout's metrics are queried there.
+    #[arg(
+        long,
+        env = "SLUICE_PROMETHEUS_URL",
+        default_value = "http://prometheus.istio-system:9090"
+    )]
+    pub prometheus_url: String,
+    /// Timeout of one Prometheus query, in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub prometheus_timeout_secs: u64,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub metrics_addr: std::net::SocketAddr,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Error)]
 pub enum CliError {
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot listen on {addr} for metrics: {source}")]
+    MetricsAddr {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no usable Kubernetes configuration (set KUBECONFIG or run in a cluster): {0}")]
+    Kubeconfig(#[source] kube::Error),
+    #[error("invalid --prometheus-url: {0}")]
+    Prometheus(#[source] crate::metrics::ProviderError),
     #[error("could not render the CRDs as YAML: {0}")]
     Yaml(#[from] serde_saphyr::SerializeError),
     #[error("could not write {path}: {source}")]
@@ -38,6 +78,13 @@ pub enum CliError {
 
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
+        Command::Operator(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(CliError::Runtime)?;
+            runtime.block_on(operator(args))
+        }
         Command::Crd { out_dir: None } => {
             let yaml = crate::api::all_crds_yaml()?;
             let mut stdout = std::io::stdout().lock();
@@ -57,4 +104,46 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests) is harmless.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+async fn operator(args: OperatorArgs) -> Result<(), CliError> {
+    init_logging(args.log_format);
+    let listener = crate::telemetry::bind(args.metrics_addr)
+        .await
+        .map_err(|source| CliError::MetricsAddr {
+            addr: args.metrics_addr,
+            source,
+        })?;
+    let prometheus = crate::metrics::Prometheus::new(
+        &args.prometheus_url,
+        std::time::Duration::from_secs(args.prometheus_timeout_secs.max(1)),
+    )
+    .map_err(CliError::Prometheus)?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(CliError::Kubeconfig)?;
+    let telemetry = std::sync::Arc::new(crate::telemetry::Telemetry::new());
+    let metrics_addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(metrics_addr, prometheus = %args.prometheus_url, "sluice operator starting");
+    let server = tokio::spawn(crate::telemetry::serve(listener, telemetry.clone()));
+    crate::controller::run(client, prometheus, telemetry).await;
+    server.abort();
+    tracing::info!("sluice operator stopped");
+    Ok(())
 }

@@ -1,0 +1,443 @@
+//! `sluice operator`: the kube-runtime controller around the planner. It observes the workloads, runs the
+//! metric checks the planner asks for, and converges workloads, Services and the route to the plan — writing
+//! only what differs, with one field manager.
+
+pub mod workload;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use thiserror::Error;
+
+use crate::api::{FIELD_MANAGER, MetricVerdict, Rollout, RolloutStatus, Verdict};
+use crate::metrics::{Prometheus, QueryContext};
+use crate::rollout::{Checks, Desired, Observed, PlanInput, checks_due, plan, set_condition};
+use crate::telemetry::Telemetry;
+use crate::traffic::{RouteTarget, Split, router_for};
+use workload::Names;
+
+/// Finalizer that lets Sluice hand traffic back to the user's workload before a Rollout goes away.
+pub const FINALIZER: &str = "sluice.dev/rollout";
+/// Annotation that continues a Rollout paused without a duration.
+pub const PROMOTE_ANNOTATION: &str = "sluice.dev/promote";
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("Kubernetes API request failed: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("Rollout {0} has no namespace")]
+    NoNamespace(String),
+}
+
+/// Shared state of the reconcilers.
+pub struct Context {
+    pub client: Client,
+    pub prometheus: Prometheus,
+    pub recorder: Recorder,
+    pub telemetry: Arc<Telemetry>,
+}
+
+/// Runs the Rollout controller until the watch streams end.
+pub async fn run(client: Client, prometheus: Prometheus, telemetry: Arc<Telemetry>) {
+    let rollouts: Api<Rollout> = Api::all(client.clone());
+    let deployments: Api<Deployment> = Api::all(client.clone());
+    let reporter = Reporter {
+        controller: "sluice".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let context = Arc::new(Context {
+        client: client.clone(),
+        prometheus,
+        recorder: Recorder::new(client, reporter),
+        telemetry: telemetry.clone(),
+    });
+    let controller = Controller::new(rollouts, watcher::Config::default());
+    let store = controller.store();
+    telemetry.set_ready();
+    controller
+        // A change of the target or the primary wakes the Rollout that points at it.
+        .watches(
+            deployments,
+            watcher::Config::default(),
+            move |deployment: Deployment| {
+                let namespace = deployment.namespace().unwrap_or_default();
+                let name = deployment.name_any();
+                let target = name.strip_suffix("-primary").unwrap_or(&name).to_owned();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|r| r.namespace().as_deref() == Some(namespace.as_str()))
+                    .filter(|r| r.spec.target_ref.name == target || r.spec.target_ref.name == name)
+                    .map(|r| ObjectRef::from_obj(&*r))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                tracing::debug!(error = %err, "reconcile round failed");
+            }
+        })
+        .await;
+}
+
+fn error_policy(rollout: Arc<Rollout>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.telemetry.reconcile_failed();
+    tracing::warn!(rollout = %rollout.name_any(), namespace = ?rollout.namespace(), error = %err, "reconcile failed; retrying");
+    // The rollout stays frozen where it is; the planner applies the progress deadline once we are back.
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn reconcile(rollout: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let namespace = rollout
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(rollout.name_any()))?;
+    let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
+    let result = finalizer(&api, FINALIZER, rollout, |event| async {
+        match event {
+            Finalizer::Apply(rollout) => apply(&rollout, &ctx).await,
+            Finalizer::Cleanup(rollout) => cleanup(&rollout, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.telemetry.reconcile_took(started.elapsed());
+    result
+}
+
+fn owner(rollout: &Rollout) -> Option<OwnerReference> {
+    rollout.controller_owner_ref(&())
+}
+
+fn patch_params() -> PatchParams {
+    PatchParams::apply(FIELD_MANAGER).force()
+}
+
+/// Observes, plans, converges. Writes nothing when nothing changed.
+async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
+    let names = Names::of(rollout);
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let target = deployments.get_opt(&names.target).await?;
+    let primary = deployments.get_opt(&names.primary).await?;
+    let status = rollout.status.clone().unwrap_or_default();
+
+    if let Some(target) = &target
+        && workload::selector_labels(target).is_empty()
+    {
+        return invalid_spec(
+                rollout,
+                ctx,
+                &status,
+                format!("Deployment {} has no spec.selector.matchLabels; Sluice needs them to tell primary and canary pods apart", names.target),
+            )
+            .await;
+    }
+
+    let observed = Observed {
+        target_revision: target.as_ref().and_then(workload::template_revision),
+        primary_revision: primary.as_ref().and_then(workload::primary_revision),
+        canary_ready: target.as_ref().is_some_and(workload::is_ready),
+        primary_ready: primary.as_ref().is_some_and(workload::is_ready),
+        promote_requested: rollout
+            .annotations()
+            .get(PROMOTE_ANNOTATION)
+            .map(String::as_str)
+            == Some("true"),
+    };
+    let now = jiff::Timestamp::now();
+    let checks = if checks_due(&rollout.spec, &status, &observed, now) {
+        run_checks(rollout, &names, ctx).await
+    } else {
+        Checks::NotRun
+    };
+    let generation = rollout.metadata.generation.unwrap_or(0);
+    let plan = plan(PlanInput {
+        spec: &rollout.spec,
+        status: &status,
+        generation,
+        observed: &observed,
+        checks: &checks,
+        now,
+    });
+
+    if let (Some(desired), Some(target)) = (plan.desired, &target) {
+        converge(rollout, &names, ctx, desired, target, primary.as_ref()).await?;
+    }
+    if plan.status != status {
+        write_status(rollout, ctx, &plan.status).await?;
+    }
+    for transition in &plan.transitions {
+        ctx.telemetry.transition(transition.reason);
+        let event = Event {
+            type_: if transition.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: transition.reason.into(),
+            note: Some(transition.message.clone()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(err) = ctx.recorder.publish(&event, &rollout.object_ref(&())).await {
+            tracing::warn!(error = %err, reason = transition.reason, "could not publish an Event");
+        }
+        tracing::info!(rollout = %rollout.name_any(), namespace = %names.namespace, reason = transition.reason, message = %transition.message, "transition");
+    }
+    ctx.telemetry
+        .observe_rollout(&names.namespace, &rollout.name_any(), &plan.status);
+    Ok(Action::requeue(plan.requeue_after))
+}
+
+/// Runs every metric of the analysis; any provider error freezes the rollout.
+async fn run_checks(rollout: &Rollout, names: &Names, ctx: &Context) -> Checks {
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now());
+    let mut verdicts = Vec::new();
+    for metric in &rollout.spec.analysis.metrics {
+        let window = metric
+            .interval
+            .as_ref()
+            .unwrap_or(&rollout.spec.analysis.interval);
+        let query_ctx = QueryContext {
+            namespace: names.namespace.clone(),
+            target: names.target.clone(),
+            service: names.service.clone(),
+            interval: window.0.clone(),
+            variables: Default::default(),
+        };
+        match ctx
+            .prometheus
+            .observe(rollout.spec.provider, metric, &query_ctx)
+            .await
+        {
+            Ok(observation) => verdicts.push(MetricVerdict {
+                name: metric.name.clone(),
+                verdict: observation.verdict,
+                value: observation.value.filter(|v| v.is_finite()),
+                checked_at: now.clone(),
+            }),
+            Err(err) => return Checks::Unavailable(err.to_string()),
+        }
+    }
+    tracing::debug!(rollout = %rollout.name_any(), passed = verdicts.iter().filter(|v| v.verdict == Verdict::Pass).count(), total = verdicts.len(), "checks ran");
+    Checks::Ran(verdicts)
+}
+
+/// Brings workloads, Services and the route to `desired`, in an order that never drops traffic.
+async fn converge(
+    rollout: &Rollout,
+    names: &Names,
+    ctx: &Context,
+    desired: Desired,
+    target: &Deployment,
+    primary: Option<&Deployment>,
+) -> Result<(), Error> {
+    let Some(owner) = owner(rollout) else {
+        return Ok(());
+    };
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &names.namespace);
+
+    // 1. The primary: created from the target, and rewritten from it when promoting.
+    let target_revision = workload::template_revision(target);
+    let primary_revision = primary.and_then(workload::primary_revision);
+    if primary.is_none() || (desired.primary_from_target && primary_revision != target_revision) {
+        let replicas = primary
+            .map(workload::replicas)
+            .unwrap_or_else(|| workload::replicas(target).max(1));
+        let object = workload::primary_deployment(names, target, replicas, &owner);
+        deployments
+            .patch(&names.primary, &patch_params(), &Patch::Apply(object))
+            .await?;
+    }
+    let primary_replicas = primary
+        .map(workload::replicas)
+        .unwrap_or_else(|| workload::replicas(target).max(1));
+
+    // 2. Services: the apex and -primary select primary pods, -canary the target's.
+    let primary_selector = workload::primary_labels(target);
+    let canary_selector = workload::selector_labels(target);
+    let wanted = [
+        (names.service.clone(), primary_selector.clone(), None),
+        (
+            names.service_primary.clone(),
+            primary_selector,
+            Some(&owner),
+        ),
+        (names.service_canary.clone(), canary_selector, Some(&owner)),
+    ];
+    for (name, selector, service_owner) in wanted {
+        let object = workload::service(rollout, names, &name, &selector, service_owner);
+        let live = services.get_opt(&name).await?;
+        if !live
+            .as_ref()
+            .is_some_and(|l| workload::service_matches(l, &object))
+        {
+            services
+                .patch(&name, &patch_params(), &Patch::Apply(object))
+                .await?;
+        }
+    }
+
+    // 3. Scale the canary up before it gets traffic...
+    let canary_replicas = workload::replicas(target);
+    let want_canary = if desired.canary_up {
+        primary_replicas.max(1)
+    } else {
+        0
+    };
+    if desired.canary_up && canary_replicas != want_canary {
+        scale(&deployments, &names.target, want_canary).await?;
+    }
+
+    // 4. ...move traffic...
+    let router = router_for(rollout.spec.provider);
+    let resource = router.api_resource();
+    let routes: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), &names.namespace, &resource);
+    let route_target = RouteTarget {
+        name: names.service.clone(),
+        namespace: names.namespace.clone(),
+        apex: names.service.clone(),
+        primary: names.service_primary.clone(),
+        canary: names.service_canary.clone(),
+        port: rollout.spec.service.port,
+        hosts: rollout.spec.service.hosts.clone(),
+        gateways: rollout.spec.service.gateways.clone(),
+        owner: owner.clone(),
+    };
+    let split = Split::with_canary(desired.canary_weight);
+    let live_route = routes.get_opt(&names.service).await?;
+    let live_split = live_route
+        .as_ref()
+        .and_then(|r| serde_json::to_value(r).ok())
+        .and_then(|v| router.observed_split(&v, &route_target));
+    if live_split != Some(split) {
+        let object = router.desired(&route_target, split);
+        routes
+            .patch(&names.service, &patch_params(), &Patch::Apply(object))
+            .await?;
+        tracing::info!(rollout = %rollout.name_any(), namespace = %names.namespace, %split, "route updated");
+    }
+
+    // 5. ...and scale it down only once the route sends it nothing.
+    if !desired.canary_up && canary_replicas != 0 {
+        scale(&deployments, &names.target, 0).await?;
+    }
+    Ok(())
+}
+
+async fn scale(deployments: &Api<Deployment>, name: &str, replicas: i32) -> Result<(), Error> {
+    let patch = json!({"spec": {"replicas": replicas}});
+    deployments
+        .patch_scale(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await?;
+    Ok(())
+}
+
+async fn write_status(
+    rollout: &Rollout,
+    ctx: &Context,
+    status: &RolloutStatus,
+) -> Result<(), Error> {
+    let namespace = rollout.namespace().unwrap_or_default();
+    let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
+    let patch = json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "Rollout", "status": status});
+    api.patch_status(&rollout.name_any(), &patch_params(), &Patch::Apply(patch))
+        .await?;
+    Ok(())
+}
+
+/// Reports a spec Sluice cannot act on, and backs off instead of looping.
+async fn invalid_spec(
+    rollout: &Rollout,
+    ctx: &Context,
+    status: &RolloutStatus,
+    why: String,
+) -> Result<Action, Error> {
+    let mut next = status.clone();
+    let generation = rollout.metadata.generation.unwrap_or(0);
+    next.message = Some(why.clone());
+    next.observed_generation = Some(generation);
+    set_condition(
+        &mut next.conditions,
+        "InvalidSpec",
+        true,
+        "InvalidSpec",
+        &why,
+        generation,
+        jiff::Timestamp::now(),
+    );
+    if &next != status {
+        write_status(rollout, ctx, &next).await?;
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "InvalidSpec".into(),
+            note: Some(why),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(err) = ctx.recorder.publish(&event, &rollout.object_ref(&())).await {
+            tracing::warn!(error = %err, "could not publish an Event");
+        }
+    }
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// A Rollout is being deleted: give the traffic back to the user's Deployment, then remove what Sluice made.
+async fn cleanup(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
+    let names = Names::of(rollout);
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    if let Some(target) = deployments.get_opt(&names.target).await? {
+        let primary = deployments.get_opt(&names.primary).await?;
+        let replicas = primary.as_ref().map(workload::replicas).unwrap_or(1).max(1);
+        if workload::replicas(&target) == 0 {
+            scale(&deployments, &names.target, replicas).await?;
+        }
+        // The apex Service is the user's entry point: it stays, selecting the user's pods again.
+        let selector = workload::selector_labels(&target);
+        let object = workload::service(rollout, &names, &names.service, &selector, None);
+        services
+            .patch(&names.service, &patch_params(), &Patch::Apply(object))
+            .await?;
+    }
+    let router = router_for(rollout.spec.provider);
+    let routes: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), &names.namespace, &router.api_resource());
+    delete_if_present(&routes, &names.service).await?;
+    delete_if_present(&services, &names.service_primary).await?;
+    delete_if_present(&services, &names.service_canary).await?;
+    delete_if_present(&deployments, &names.primary).await?;
+    ctx.telemetry
+        .forget_rollout(&names.namespace, &rollout.name_any());
+    tracing::info!(rollout = %rollout.name_any(), namespace = %names.namespace, "cleaned up; traffic is back on the target");
+    Ok(Action::await_change())
+}
+
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<(), Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(err) => Err(err.into()),
+    }
+}

@@ -1,0 +1,121 @@
+//! The builtin metrics `request-success-rate` (percent of non-5xx) and `request-duration` (p99, milliseconds),
+//! computed from the mesh's own telemetry so users need no recording rules.
+
+use crate::api::{Provider, REQUEST_DURATION, REQUEST_SUCCESS_RATE};
+
+use super::QueryContext;
+
+/// The PromQL behind one check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricQueries {
+    /// Evaluates to the single number that is judged.
+    pub value: String,
+    /// Evaluates to the number of requests in the window, checked against `minRequests`.
+    pub requests: Option<String>,
+}
+
+/// The queries of builtin metric `name` for the workload in `ctx`, or `None` if `name` is not a builtin.
+pub fn builtin(provider: Provider, name: &str, ctx: &QueryContext) -> Option<MetricQueries> {
+    match provider {
+        // Gateway API routes on Istio (GAMMA) are still served by Istio's proxies, which report Istio's standard
+        // metrics; a Linkerd provider will bring its own series (`response_total`, `direction="inbound"`).
+        Provider::Istio | Provider::GatewayApi => istio(name, ctx),
+    }
+}
+
+fn istio(name: &str, ctx: &QueryContext) -> Option<MetricQueries> {
+    // reporter="destination": the server-side proxy sees every request to the workload exactly once, whereas
+    // source-side reports miss callers outside the mesh and would double the count if both were summed.
+    let selector = format!(
+        r#"reporter="destination",destination_workload_namespace="{}",destination_workload="{}""#,
+        label_value(&ctx.namespace),
+        label_value(&ctx.target),
+    );
+    let interval = &ctx.interval;
+    let requests = format!("sum(increase(istio_requests_total{{{selector}}}[{interval}]))");
+    let value = match name {
+        // `or vector(0)`: when every request failed there is no non-5xx series at all, and an empty numerator
+        // would turn a 0% success rate into "no data" instead of a failure.
+        REQUEST_SUCCESS_RATE => format!(
+            r#"(sum(rate(istio_requests_total{{{selector},response_code!~"5.*"}}[{interval}])) or vector(0)) / sum(rate(istio_requests_total{{{selector}}}[{interval}])) * 100"#
+        ),
+        REQUEST_DURATION => format!(
+            "histogram_quantile(0.99, sum(rate(istio_request_duration_milliseconds_bucket{{{selector}}}[{interval}])) by (le))"
+        ),
+        _ => return None,
+    };
+    Some(MetricQueries {
+        value,
+        requests: Some(requests),
+    })
+}
+
+/// Escapes a PromQL label value. Kubernetes names never need it; this keeps a stray quote from changing the query.
+fn label_value(raw: &str) -> String {
+    raw.replace('\\', r"\\").replace('"', "\\\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> QueryContext {
+        QueryContext {
+            namespace: "test".into(),
+            target: "podinfo".into(),
+            service: "podinfo".into(),
+            interval: "1m".into(),
+            variables: Default::default(),
+        }
+    }
+
+    const SELECTOR: &str = r#"reporter="destination",destination_workload_namespace="test",destination_workload="podinfo""#;
+
+    #[test]
+    fn success_rate_is_the_percentage_of_non_5xx_requests() {
+        let queries = builtin(Provider::Istio, REQUEST_SUCCESS_RATE, &ctx());
+        let expected = MetricQueries {
+            value: format!(
+                r#"(sum(rate(istio_requests_total{{{SELECTOR},response_code!~"5.*"}}[1m])) or vector(0)) / sum(rate(istio_requests_total{{{SELECTOR}}}[1m])) * 100"#
+            ),
+            requests: Some(format!(
+                "sum(increase(istio_requests_total{{{SELECTOR}}}[1m]))"
+            )),
+        };
+        assert_eq!(queries, Some(expected));
+    }
+
+    #[test]
+    fn duration_is_the_p99_in_milliseconds() {
+        let queries = builtin(Provider::Istio, REQUEST_DURATION, &ctx());
+        assert_eq!(
+            queries.map(|q| q.value),
+            Some(format!(
+                "histogram_quantile(0.99, sum(rate(istio_request_duration_milliseconds_bucket{{{SELECTOR}}}[1m])) by (le))"
+            ))
+        );
+    }
+
+    #[test]
+    fn gateway_api_uses_istio_telemetry() {
+        for name in [REQUEST_SUCCESS_RATE, REQUEST_DURATION] {
+            assert_eq!(
+                builtin(Provider::GatewayApi, name, &ctx()),
+                builtin(Provider::Istio, name, &ctx())
+            );
+        }
+    }
+
+    #[test]
+    fn other_names_are_not_builtins() {
+        assert_eq!(builtin(Provider::Istio, "error-rate", &ctx()), None);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut ctx = ctx();
+        ctx.target = r#"a"b\c"#.into();
+        let queries = builtin(Provider::Istio, REQUEST_DURATION, &ctx);
+        assert!(queries.is_some_and(|q| q.value.contains(r#"destination_workload="a\"b\\c""#)));
+    }
+}

@@ -1,0 +1,135 @@
+//! Metric providers: a Rollout's `Metric` becomes PromQL, Prometheus answers with one number, and the number is
+//! judged pass / fail / no-data.
+//!
+//! Everything here is pure except [`Prometheus`], the thin HTTP client. The rules users rely on:
+//! - no data (empty result, NaN, ±Inf, fewer requests than `minRequests`) is never a pass ([`judge`]);
+//! - an error (Prometheus unreachable, PromQL rejected, several series) is never a verdict: the caller freezes
+//!   the rollout and retries, and rolls back only after the progress deadline.
+
+mod builtin;
+mod prometheus;
+mod query;
+mod verdict;
+
+pub use builtin::{MetricQueries, builtin};
+pub use prometheus::{Prometheus, ProviderError};
+pub use query::{QueryContext, QueryError, promql_duration, render};
+pub use verdict::judge;
+
+use crate::api::{Metric, Provider, Verdict};
+
+/// The result of one check of one metric, as recorded in the Rollout's status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observation {
+    /// The metric's name.
+    pub metric: String,
+    pub verdict: Verdict,
+    /// The measured value; `None` when the query returned nothing.
+    pub value: Option<f64>,
+    /// Requests in the window, when the metric has a requests query.
+    pub requests: Option<f64>,
+    /// The PromQL that produced `value`, so users can paste it into Prometheus.
+    pub query: String,
+}
+
+/// The queries for `metric`: its own `query` template when it has one (so a user can override a builtin's
+/// PromQL under the builtin's name), else the builtin of that name. The window is the metric's `interval`,
+/// else `ctx.interval` (the analysis interval).
+///
+/// A custom query has no requests query, so `minRequests` does not apply to it.
+pub fn queries_for(
+    provider: Provider,
+    metric: &Metric,
+    ctx: &QueryContext,
+) -> Result<MetricQueries, QueryError> {
+    let interval = match &metric.interval {
+        Some(own) => promql_duration(&own.0)?,
+        None => promql_duration(&ctx.interval)?,
+    };
+    let ctx = QueryContext {
+        interval,
+        ..ctx.clone()
+    };
+    match &metric.query {
+        Some(template) => Ok(MetricQueries {
+            value: render(template, &ctx)?,
+            requests: None,
+        }),
+        None => builtin(provider, &metric.name, &ctx).ok_or_else(|| QueryError::UnknownMetric {
+            metric: metric.name.clone(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{DurationString, NoDataPolicy, REQUEST_DURATION, ThresholdRange};
+
+    fn ctx() -> QueryContext {
+        QueryContext {
+            namespace: "test".into(),
+            target: "podinfo".into(),
+            service: "podinfo".into(),
+            interval: "1m".into(),
+            variables: Default::default(),
+        }
+    }
+
+    fn metric(name: &str, query: Option<&str>, interval: Option<&str>) -> Metric {
+        Metric {
+            name: name.into(),
+            query: query.map(Into::into),
+            threshold_range: ThresholdRange {
+                min: None,
+                max: Some(500.0),
+            },
+            interval: interval.map(|i| DurationString(i.into())),
+            min_requests: Some(10),
+            on_no_data: NoDataPolicy::Hold,
+        }
+    }
+
+    #[test]
+    fn a_custom_query_is_rendered_without_a_requests_query() {
+        let m = metric(
+            "errors",
+            Some("sum(rate(x{ns=\"{{ namespace }}\"}[{{ interval }}]))"),
+            None,
+        );
+        assert_eq!(
+            queries_for(Provider::Istio, &m, &ctx()),
+            Ok(MetricQueries {
+                value: "sum(rate(x{ns=\"test\"}[1m]))".into(),
+                requests: None
+            })
+        );
+    }
+
+    #[test]
+    fn the_metric_interval_overrides_the_analysis_interval() {
+        let m = metric(REQUEST_DURATION, None, Some("1.5m"));
+        let queries = queries_for(Provider::Istio, &m, &ctx());
+        assert!(queries.is_ok_and(|q| q.value.contains("[90s]") && !q.value.contains("[1m]")));
+    }
+
+    #[test]
+    fn a_custom_query_wins_over_a_builtin_name() {
+        let m = metric(REQUEST_DURATION, Some("vector(1)"), None);
+        assert_eq!(
+            queries_for(Provider::Istio, &m, &ctx()).map(|q| q.value),
+            Ok("vector(1)".into())
+        );
+    }
+
+    #[test]
+    fn an_unknown_metric_without_query_is_an_error() {
+        let m = metric("latency", None, None);
+        assert_eq!(
+            queries_for(Provider::GatewayApi, &m, &ctx()),
+            Err(QueryError::UnknownMetric {
+                metric: "latency".into()
+            })
+        );
+    }
+}

@@ -1,0 +1,259 @@
+//! Sluice's own Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoints of `sluice operator`.
+//! Per-object series exist only for live Rollouts (name and namespace) and are removed with them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::api::{RolloutPhase, RolloutStatus};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RolloutLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub namespace: String,
+    pub name: String,
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+const PHASES: [RolloutPhase; 7] = [
+    RolloutPhase::Initializing,
+    RolloutPhase::Initialized,
+    RolloutPhase::Progressing,
+    RolloutPhase::Promoting,
+    RolloutPhase::Succeeded,
+    RolloutPhase::Failed,
+    RolloutPhase::Paused,
+];
+
+/// The operator's metrics.
+pub struct Telemetry {
+    registry: Registry,
+    phase: Family<PhaseLabels, Gauge>,
+    canary_weight: Family<RolloutLabels, Gauge>,
+    failed_checks: Family<RolloutLabels, Gauge>,
+    transitions: Family<ReasonLabels, Counter>,
+    reconcile_errors: Counter,
+    reconcile_duration: Histogram,
+    ready: AtomicBool,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry::new()
+    }
+}
+
+impl Telemetry {
+    pub fn new() -> Telemetry {
+        let mut registry = Registry::with_prefix("sluice");
+        let phase = Family::<PhaseLabels, Gauge>::default();
+        let canary_weight = Family::<RolloutLabels, Gauge>::default();
+        let failed_checks = Family::<RolloutLabels, Gauge>::default();
+        let transitions = Family::<ReasonLabels, Counter>::default();
+        let reconcile_errors = Counter::default();
+        let reconcile_duration = Histogram::new([
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ]);
+        registry.register(
+            "rollout_phase",
+            "1 for the phase each Rollout is in",
+            phase.clone(),
+        );
+        registry.register(
+            "rollout_canary_weight",
+            "Traffic weight on the canary, percent",
+            canary_weight.clone(),
+        );
+        registry.register(
+            "rollout_failed_checks",
+            "Failed checks counted in the current release",
+            failed_checks.clone(),
+        );
+        registry.register(
+            "rollout_transitions",
+            "Rollout transitions by reason",
+            transitions.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed",
+            reconcile_errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconcile",
+            reconcile_duration.clone(),
+        );
+        Telemetry {
+            registry,
+            phase,
+            canary_weight,
+            failed_checks,
+            transitions,
+            reconcile_errors,
+            reconcile_duration,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    pub fn observe_rollout(&self, namespace: &str, name: &str, status: &RolloutStatus) {
+        let labels = RolloutLabels {
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        self.canary_weight
+            .get_or_create(&labels)
+            .set(i64::from(status.canary_weight.get()));
+        self.failed_checks
+            .get_or_create(&labels)
+            .set(i64::from(status.failed_checks));
+        for phase in PHASES {
+            let value = i64::from(status.phase == Some(phase));
+            let labels = PhaseLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                phase: format!("{phase:?}"),
+            };
+            self.phase.get_or_create(&labels).set(value);
+        }
+    }
+
+    /// Drops the series of a deleted Rollout so cardinality follows live objects.
+    pub fn forget_rollout(&self, namespace: &str, name: &str) {
+        let labels = RolloutLabels {
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        self.canary_weight.remove(&labels);
+        self.failed_checks.remove(&labels);
+        for phase in PHASES {
+            self.phase.remove(&PhaseLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                phase: format!("{phase:?}"),
+            });
+        }
+    }
+
+    pub fn transition(&self, reason: &str) {
+        self.transitions
+            .get_or_create(&ReasonLabels {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    pub fn reconcile_failed(&self) {
+        self.reconcile_errors.inc();
+    }
+
+    pub fn reconcile_took(&self, took: Duration) {
+        self.reconcile_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+async fn metrics(State(telemetry): State<Arc<Telemetry>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        telemetry.encode(),
+    )
+}
+
+async fn readyz(State(telemetry): State<Arc<Telemetry>>) -> impl IntoResponse {
+    if telemetry.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    telemetry: Arc<Telemetry>,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(telemetry);
+    axum::serve(listener, app).await
+}
+
+/// Binds the metrics address, so a busy port is reported before the controller starts.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Weight;
+
+    #[test]
+    fn series_follow_live_rollouts() {
+        let t = Telemetry::new();
+        let status = RolloutStatus {
+            phase: Some(RolloutPhase::Progressing),
+            canary_weight: Weight::new(30).expect("weight"),
+            ..RolloutStatus::default()
+        };
+        t.observe_rollout("test", "web", &status);
+        t.transition("WeightChanged");
+        let text = t.encode();
+        assert!(
+            text.contains(r#"sluice_rollout_canary_weight{namespace="test",name="web"} 30"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"sluice_rollout_phase{namespace="test",name="web",phase="Progressing"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"sluice_rollout_transitions_total{reason="WeightChanged"} 1"#),
+            "{text}"
+        );
+        t.forget_rollout("test", "web");
+        assert!(!t.encode().contains(r#"name="web""#));
+    }
+}
