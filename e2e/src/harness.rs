@@ -192,3 +192,82 @@ pub fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) ->
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The `sluice` binary of this workspace, rebuilt once per test process so a stale binary is never tested
+/// (`cargo test -p sluice-e2e` alone does not rebuild other packages' binaries).
+pub fn sluice_binary() -> std::io::Result<PathBuf> {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            // Test executables live in target/<profile>/deps; binaries one level up.
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let profile_dir = exe
+                .parent()
+                .and_then(Path::parent)
+                .ok_or_else(|| "cannot locate the target directory".to_owned())?;
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "--quiet", "-p", "sluice", "--bin", "sluice"])
+                .current_dir(repo_root())
+                .status()
+                .map_err(|e| format!("cannot run cargo: {e}"))?;
+            if !status.success() {
+                return Err("cargo build -p sluice failed".to_owned());
+            }
+            Ok(profile_dir.join("sluice"))
+        })
+        .clone()
+        .map_err(std::io::Error::other)
+}
+
+/// A running `sluice operator`; killed (SIGKILL) on drop. Its log goes to `log_path`.
+pub struct OperatorProcess {
+    child: Child,
+    log_path: PathBuf,
+}
+
+impl OperatorProcess {
+    pub fn start(
+        kubeconfig: &Path,
+        prometheus_url: &str,
+        log_path: &Path,
+    ) -> std::io::Result<OperatorProcess> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)?;
+        let child = Command::new(sluice_binary()?)
+            .args([
+                "operator",
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--prometheus-url",
+                prometheus_url,
+            ])
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        Ok(OperatorProcess {
+            child,
+            log_path: log_path.to_owned(),
+        })
+    }
+
+    /// SIGKILL, like a node dying: no cleanup runs.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

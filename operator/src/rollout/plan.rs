@@ -84,6 +84,18 @@ pub struct PlanInput<'a> {
 /// How long to wait for readiness before looking again (watch events usually come first).
 const READINESS_POLL: Duration = Duration::from_secs(5);
 
+/// Status times are stored with second precision, so they are rounded *up*: a stage stored as started at
+/// 12:00:01 really started no later, and intervals measured from it are never cut short.
+fn stamp(now: Timestamp) -> Time {
+    let whole = now.as_second();
+    let ceil = if now.subsec_nanosecond() > 0 {
+        whole + 1
+    } else {
+        whole
+    };
+    Time(Timestamp::from_second(ceil).unwrap_or(now))
+}
+
 fn interval(spec: &RolloutSpec) -> Duration {
     spec.analysis
         .interval
@@ -369,7 +381,7 @@ fn start_release(
     next.iterations = 0;
     next.failed_checks = 0;
     next.verdicts.clear();
-    next.last_progress_time = Some(Time(now));
+    next.last_progress_time = Some(stamp(now));
     next.stage_started_time = None;
     next.last_check_time = None;
     next.message = Some(format!(
@@ -472,8 +484,8 @@ fn progress(
     if status.stage_started_time.is_none() {
         let first = weight_at(&ladder, 0);
         next.canary_weight = first;
-        next.last_progress_time = Some(Time(now));
-        next.stage_started_time = Some(Time(now));
+        next.last_progress_time = Some(stamp(now));
+        next.stage_started_time = Some(stamp(now));
         next.message = Some(stage_message(&stage, first));
         if first > Weight::ZERO {
             transitions.push(Transition {
@@ -525,7 +537,7 @@ fn progress(
                 next.message = Some(format!(
                     "frozen at {weight}: metrics unavailable ({reason})"
                 ));
-                next.last_check_time = Some(Time(now));
+                next.last_check_time = Some(stamp(now));
                 (running(weight), interval)
             }
             Checks::Ran(verdicts) => judge(
@@ -566,7 +578,7 @@ fn judge(
         canary_up: true,
         canary_weight: weight,
     };
-    next.last_check_time = Some(Time(now));
+    next.last_check_time = Some(stamp(now));
     next.verdicts = verdicts.to_vec();
     // A metric the spec asks for but the controller did not report is no data, never a pass.
     let verdict_of = |name: &str| verdicts.iter().find(|v| v.name == name);
@@ -656,8 +668,8 @@ fn advance(
     let weight = weight_at(ladder, next_step).min(max_weight(ladder));
     next.phase = Some(RolloutPhase::Progressing);
     next.current_step = u32::try_from(next_step).unwrap_or(u32::MAX);
-    next.last_progress_time = Some(Time(now));
-    next.stage_started_time = Some(Time(now));
+    next.last_progress_time = Some(stamp(now));
+    next.stage_started_time = Some(stamp(now));
     let stage = ladder[next_step];
     next.message = Some(stage_message(&stage, weight));
     if weight != next.canary_weight {
@@ -693,7 +705,7 @@ fn begin_promotion(
     transitions: &mut Vec<Transition>,
 ) -> Desired {
     set_phase(next, RolloutPhase::Promoting, now);
-    next.last_progress_time = Some(Time(now));
+    next.last_progress_time = Some(stamp(now));
     let revision = next.revision.clone().unwrap_or_default();
     next.message = Some(format!("promoting revision {revision}: {why}"));
     transitions.push(Transition {

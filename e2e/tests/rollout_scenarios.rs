@@ -1,0 +1,512 @@
+//! End-to-end Rollout scenarios: the real `sluice operator` binary against the sandbox, judged by a real
+//! Prometheus that scrapes a fake mesh exporting Istio's series. Each scenario watches the route object's
+//! weights over time, not just the final state.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use sluice::api::{Provider, Rollout, RolloutPhase};
+use sluice::traffic::{RouteTarget, router_for};
+use sluice_e2e::harness::OperatorProcess;
+use sluice_e2e::prometheus::{FakeMesh, PrometheusServer, WorkloadTraffic};
+use sluice_e2e::{Sandbox, SandboxConfig};
+
+const NS: &str = "default";
+
+/// Canary weights seen on the route object, in order, with when they were first seen.
+type WeightLog = Arc<Mutex<Vec<(Instant, u8)>>>;
+
+struct Scenario {
+    client: Client,
+    provider: Provider,
+    mesh: FakeMesh,
+    prometheus: PrometheusServer,
+    operator: OperatorProcess,
+    kubeconfig: std::path::PathBuf,
+    dir: tempfile::TempDir,
+    weights: WeightLog,
+    recorder: tokio::task::JoinHandle<()>,
+    sandbox: Option<Sandbox>,
+}
+
+fn rollout(provider: Provider, analysis: Value, deadline: u32) -> Value {
+    json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "Rollout",
+        "metadata": {"name": "podinfo", "namespace": NS},
+        "spec": {
+            "targetRef": {"kind": "Deployment", "name": "podinfo"},
+            "service": {"port": 9898},
+            "provider": provider,
+            "progressDeadlineSeconds": deadline,
+            "analysis": analysis,
+        }
+    })
+}
+
+fn canary_analysis(threshold: u32) -> Value {
+    json!({
+        "interval": "1s", "threshold": threshold, "stepWeight": 20, "maxWeight": 60,
+        "metrics": [
+            {"name": "request-success-rate", "thresholdRange": {"min": 99}, "interval": "10s", "minRequests": 5},
+            {"name": "request-duration", "thresholdRange": {"max": 500}, "interval": "10s"}
+        ]
+    })
+}
+
+fn deployment(image: &str) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "podinfo", "namespace": NS},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "podinfo"}},
+            "template": {"metadata": {"labels": {"app": "podinfo"}},
+                         "spec": {"containers": [{"name": "podinfo", "image": image, "ports": [{"containerPort": 9898}]}]}}
+        }
+    })
+}
+
+fn route_target() -> RouteTarget {
+    RouteTarget {
+        name: "podinfo".into(),
+        namespace: NS.into(),
+        apex: "podinfo".into(),
+        primary: "podinfo-primary".into(),
+        canary: "podinfo-canary".into(),
+        port: 9898,
+        hosts: vec![],
+        gateways: vec![],
+        owner: Default::default(),
+    }
+}
+
+impl Scenario {
+    async fn start(provider: Provider, analysis: Value, deadline: u32) -> Scenario {
+        let sandbox = Sandbox::start(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            SandboxConfig {
+                ready_delay: Duration::from_millis(100),
+                ..SandboxConfig::default()
+            },
+        )
+        .await
+        .expect("sandbox");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kubeconfig = dir.path().join("kubeconfig");
+        sandbox.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+        let config: kube::config::Kubeconfig =
+            serde_saphyr::from_str(&sandbox.kubeconfig()).expect("kubeconfig parses");
+        let client = Client::try_from(
+            kube::Config::from_custom_kubeconfig(config, &Default::default())
+                .await
+                .expect("config"),
+        )
+        .expect("client");
+
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        let fixture = std::fs::read_to_string(
+            sluice_e2e::harness::repo_root().join("e2e/fixtures/mesh-crds.yaml"),
+        )
+        .expect("mesh CRD fixture");
+        let mesh_crds: Vec<CustomResourceDefinition> =
+            serde_saphyr::from_multiple(&fixture).expect("fixture parses");
+        for crd in sluice::api::crds().into_iter().chain(mesh_crds) {
+            crds.create(&PostParams::default(), &crd)
+                .await
+                .expect("CRD installs");
+        }
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
+        deployments
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(deployment("podinfo:1")).expect("deployment"),
+            )
+            .await
+            .expect("target created");
+
+        let mesh = FakeMesh::start().await.expect("fake mesh");
+        for workload in ["podinfo", "podinfo-primary"] {
+            mesh.set(workload, NS, WorkloadTraffic::healthy(50.0));
+        }
+        let prometheus = PrometheusServer::start(&[mesh.target()])
+            .await
+            .expect("prometheus starts");
+        prometheus
+            .wait_for_scrapes(2, Duration::from_secs(20))
+            .await
+            .expect("prometheus scrapes the mesh");
+
+        let rollouts: Api<DynamicObject> = Api::namespaced_with(
+            client.clone(),
+            NS,
+            &kube::core::ApiResource::erase::<Rollout>(&()),
+        );
+        let object: DynamicObject =
+            serde_json::from_value(rollout(provider, analysis, deadline)).expect("rollout");
+        rollouts
+            .create(&PostParams::default(), &object)
+            .await
+            .expect("rollout created");
+
+        let operator = OperatorProcess::start(
+            &kubeconfig,
+            &prometheus.url(),
+            &dir.path().join("operator.log"),
+        )
+        .expect("operator starts");
+        let weights: WeightLog = Arc::default();
+        let recorder = tokio::spawn(record_weights(client.clone(), provider, weights.clone()));
+        let scenario = Scenario {
+            client,
+            provider,
+            mesh,
+            prometheus,
+            operator,
+            kubeconfig,
+            dir,
+            weights,
+            recorder,
+            sandbox: Some(sandbox),
+        };
+        scenario
+            .wait_for_phase(RolloutPhase::Initialized, Duration::from_secs(20))
+            .await;
+        scenario
+    }
+
+    async fn rollout(&self) -> Rollout {
+        Api::<Rollout>::namespaced(self.client.clone(), NS)
+            .get("podinfo")
+            .await
+            .expect("rollout readable")
+    }
+
+    async fn wait_for_phase(&self, phase: RolloutPhase, timeout: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            let r = self.rollout().await;
+            if r.status.as_ref().and_then(|s| s.phase) == Some(phase) {
+                return started.elapsed();
+            }
+            if started.elapsed() > timeout {
+                panic!(
+                    "rollout never reached {phase:?} within {timeout:?}; status: {:?}\nweights: {:?}\noperator log:\n{}",
+                    r.status,
+                    self.weight_sequence(),
+                    self.operator.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_for_weight(&self, at_least: u8, timeout: Duration) {
+        let started = Instant::now();
+        while !self.weight_sequence().iter().any(|w| *w >= at_least) {
+            assert!(
+                started.elapsed() < timeout,
+                "canary weight never reached {at_least}: {:?}\n{}",
+                self.weight_sequence(),
+                self.operator.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn weight_sequence(&self) -> Vec<u8> {
+        self.weights
+            .lock()
+            .map(|w| w.iter().map(|(_, w)| *w).collect())
+            .unwrap_or_default()
+    }
+
+    /// Changes the target's pod template: a new release.
+    async fn release(&self, image: &str, template_annotations: Value) {
+        let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), NS);
+        let patch = json!({"spec": {"template": {
+            "metadata": {"annotations": template_annotations},
+            "spec": {"containers": [{"name": "podinfo", "image": image}]}
+        }}});
+        deployments
+            .patch("podinfo", &PatchParams::default(), &Patch::Strategic(patch))
+            .await
+            .expect("new revision");
+        self.weights.lock().map(|mut w| w.clear()).unwrap_or(());
+    }
+
+    async fn deployment(&self, name: &str) -> Deployment {
+        Api::<Deployment>::namespaced(self.client.clone(), NS)
+            .get(name)
+            .await
+            .expect("deployment")
+    }
+
+    async fn stop(mut self) {
+        self.recorder.abort();
+        self.operator.kill();
+        if let Some(sandbox) = self.sandbox.take() {
+            sandbox.stop().await;
+        }
+        let _ = (&self.mesh, &self.kubeconfig, &self.dir, &self.provider);
+    }
+}
+
+/// Polls the route object and logs every change of the canary weight.
+async fn record_weights(client: Client, provider: Provider, log: WeightLog) {
+    let router = router_for(provider);
+    let routes: Api<DynamicObject> = Api::namespaced_with(client, NS, &router.api_resource());
+    let target = route_target();
+    loop {
+        if let Ok(Some(route)) = routes.get_opt("podinfo").await {
+            let split = serde_json::to_value(&route)
+                .ok()
+                .and_then(|v| router.observed_split(&v, &target));
+            if let (Some(split), Ok(mut log)) = (split, log.lock()) {
+                let weight = split.canary().get();
+                if log.last().map(|(_, w)| *w) != Some(weight) {
+                    log.push((Instant::now(), weight));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn image_of(d: &Deployment) -> String {
+    d.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.containers.first())
+        .and_then(|c| c.image.clone())
+        .unwrap_or_default()
+}
+
+async fn healthy_release_is_promoted(provider: Provider) {
+    let s = Scenario::start(provider, canary_analysis(2), 30).await;
+    s.release("podinfo:2", json!({})).await;
+    s.wait_for_phase(RolloutPhase::Succeeded, Duration::from_secs(40))
+        .await;
+    // Give the recorder a moment to see the final route.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let weights = s.weight_sequence();
+    let climbed: Vec<u8> = weights.iter().copied().filter(|w| *w > 0).collect();
+    assert_eq!(
+        climbed,
+        vec![20, 40, 60],
+        "every step once, in order: {weights:?}"
+    );
+    // Each weight was held for at least one analysis interval (1s) before the next move.
+    let log: Vec<(Instant, u8)> = s.weights.lock().map(|w| w.clone()).unwrap_or_default();
+    for pair in log.windows(2).filter(|p| p[0].1 > 0) {
+        let held = pair[1].0.duration_since(pair[0].0);
+        assert!(
+            held >= Duration::from_millis(900),
+            "{}% was held only {held:?}: {weights:?}\n{}",
+            pair[0].1,
+            s.operator.log()
+        );
+    }
+    assert_eq!(
+        weights.last(),
+        Some(&0),
+        "100% primary at the end: {weights:?}"
+    );
+    assert_eq!(
+        image_of(&s.deployment("podinfo-primary").await),
+        "podinfo:2"
+    );
+    assert_eq!(
+        s.deployment("podinfo").await.spec.and_then(|s| s.replicas),
+        Some(0),
+        "canary scaled to 0"
+    );
+    let status = s.rollout().await.status.expect("status");
+    assert_eq!(status.last_promoted_revision, status.revision);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn istio_healthy_release_walks_every_step_and_is_promoted() {
+    healthy_release_is_promoted(Provider::Istio).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gatewayapi_healthy_release_walks_every_step_and_is_promoted() {
+    healthy_release_is_promoted(Provider::GatewayApi).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_erroring_canary_is_rolled_back_within_one_interval() {
+    let s = Scenario::start(Provider::Istio, canary_analysis(1), 30).await;
+    s.release("podinfo:2", json!({})).await;
+    s.wait_for_weight(20, Duration::from_secs(20)).await;
+    s.mesh.set(
+        "podinfo",
+        NS,
+        WorkloadTraffic {
+            rps: 50.0,
+            error_ratio: 0.5,
+            latency_ms: 20.0,
+        },
+    );
+    let injected = Instant::now();
+    // When Prometheus first shows the canary failing the check...
+    let query = r#"sum(rate(istio_requests_total{reporter="destination",destination_workload="podinfo",response_code!~"5.*"}[10s])) / sum(rate(istio_requests_total{reporter="destination",destination_workload="podinfo"}[10s])) * 100"#;
+    let polling_since = Instant::now();
+    let visible = loop {
+        let answer = s.prometheus.query(query).await.expect("query");
+        let value = answer
+            .pointer("/result/0/value/1")
+            .and_then(Value::as_str)
+            .and_then(|v| v.parse::<f64>().ok());
+        if value.is_some_and(|v| v < 99.0) {
+            break Instant::now();
+        }
+        assert!(
+            polling_since.elapsed() < Duration::from_secs(20),
+            "Prometheus never showed the errors: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // ...until the route sends everything back to the primary.
+    s.wait_for_phase(RolloutPhase::Failed, Duration::from_secs(20))
+        .await;
+    let back = s
+        .weights
+        .lock()
+        .ok()
+        .and_then(|w| {
+            w.iter()
+                .rev()
+                .find(|(_, weight)| *weight == 0)
+                .map(|(t, _)| *t)
+        })
+        .expect("the route went back to 0% canary");
+    let took = back.saturating_duration_since(visible);
+    println!(
+        "MEASURED: errors injected -> visible in Prometheus {} ms -> 100% primary {} ms (rollback {} ms after visible)",
+        visible.duration_since(injected).as_millis(),
+        back.saturating_duration_since(injected).as_millis(),
+        took.as_millis()
+    );
+    assert!(
+        took <= Duration::from_millis(2500),
+        "rollback took {took:?} after the errors were visible (interval 1s)"
+    );
+    assert_eq!(
+        image_of(&s.deployment("podinfo-primary").await),
+        "podinfo:1",
+        "the primary keeps the old version"
+    );
+    assert_eq!(
+        s.deployment("podinfo").await.spec.and_then(|s| s.replicas),
+        Some(0)
+    );
+    let message = s
+        .rollout()
+        .await
+        .status
+        .and_then(|st| st.message)
+        .unwrap_or_default();
+    assert!(
+        message.contains("request-success-rate"),
+        "the reason names the metric: {message}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prometheus_down_freezes_the_weight_then_the_deadline_rolls_back() {
+    let mut s = Scenario::start(Provider::Istio, canary_analysis(2), 8).await;
+    s.release("podinfo:2", json!({})).await;
+    s.wait_for_weight(20, Duration::from_secs(20)).await;
+    s.prometheus.stop();
+    let frozen_at = *s.weight_sequence().last().expect("a weight");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        s.weight_sequence().last(),
+        Some(&frozen_at),
+        "weights must not move while metrics are down"
+    );
+    let r = s.rollout().await;
+    assert_ne!(
+        r.status.as_ref().and_then(|st| st.phase),
+        Some(RolloutPhase::Succeeded)
+    );
+    let progressing = r.status.as_ref().and_then(|st| {
+        st.conditions
+            .iter()
+            .find(|c| c.type_ == "Progressing")
+            .cloned()
+    });
+    assert_eq!(progressing.map(|c| c.reason), Some("Frozen".to_owned()));
+    s.wait_for_phase(RolloutPhase::Failed, Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.weight_sequence().last(), Some(&0));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_canary_that_never_becomes_ready_is_rolled_back_at_the_deadline() {
+    let s = Scenario::start(Provider::Istio, canary_analysis(2), 5).await;
+    s.release(
+        "podinfo:broken",
+        json!({"sandbox.sluice.dev/never-ready": "true"}),
+    )
+    .await;
+    let took = s
+        .wait_for_phase(RolloutPhase::Failed, Duration::from_secs(20))
+        .await;
+    assert!(
+        took >= Duration::from_secs(4),
+        "rolled back before the deadline: {took:?}"
+    );
+    assert!(
+        s.weight_sequence().iter().all(|w| *w == 0),
+        "a canary that is not ready gets no traffic"
+    );
+    assert_eq!(
+        s.deployment("podinfo").await.spec.and_then(|s| s.replicas),
+        Some(0)
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operator_killed_mid_release_continues_from_status() {
+    let mut s = Scenario::start(Provider::Istio, canary_analysis(2), 30).await;
+    s.release("podinfo:2", json!({})).await;
+    s.wait_for_weight(40, Duration::from_secs(20)).await;
+    s.operator.kill();
+    let paused = s.weight_sequence();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        s.weight_sequence(),
+        paused,
+        "nothing moves while the operator is down"
+    );
+    s.operator = OperatorProcess::start(
+        &s.kubeconfig,
+        &s.prometheus.url(),
+        &s.dir.path().join("operator-2.log"),
+    )
+    .expect("operator restarts");
+    s.wait_for_phase(RolloutPhase::Succeeded, Duration::from_secs(40))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let climbed: Vec<u8> = s.weight_sequence().into_iter().filter(|w| *w > 0).collect();
+    assert_eq!(
+        climbed,
+        vec![20, 40, 60],
+        "no step repeated or skipped across the restart"
+    );
+    s.stop().await;
+}
