@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-pub use server::SandboxConfig;
+pub use server::{SandboxConfig, WriteLog};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -47,6 +47,7 @@ impl Sandbox {
             config,
             address: addr.to_string(),
             stopping: tokio::sync::watch::channel(false).0,
+            writes: Mutex::default(),
         });
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server::serve_until(listener, shared.clone(), async move {
@@ -62,6 +63,15 @@ impl Sandbox {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Write requests served so far (count and the latest `METHOD /path`s); also at `GET /sandbox/writes`.
+    pub fn writes(&self) -> WriteLog {
+        self.shared
+            .writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     pub fn url(&self) -> String {

@@ -44,10 +44,32 @@ impl Default for SandboxConfig {
     }
 }
 
+/// Counts write requests and keeps the latest [`WriteLog::KEEP`] of them.
+#[derive(Clone, Debug, Default)]
+pub struct WriteLog {
+    pub total: u64,
+    pub recent: std::collections::VecDeque<String>,
+}
+
+impl WriteLog {
+    const KEEP: usize = 1000;
+
+    fn record(&mut self, request: String) {
+        self.total += 1;
+        if self.recent.len() == Self::KEEP {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(request);
+    }
+}
+
 pub(crate) struct Shared {
     pub store: Mutex<Store>,
     pub config: SandboxConfig,
     pub address: String,
+    /// Write requests (POST, PUT, PATCH, DELETE) served, for tests that count writes: the total and the
+    /// most recent ones.
+    pub writes: Mutex<WriteLog>,
     /// Flips to true when the sandbox stops, ending open watches.
     pub stopping: tokio::sync::watch::Sender<bool>,
 }
@@ -162,6 +184,13 @@ async fn handle(
         body
     };
     tracing::debug!(%method, path, ?raw_query, "request");
+    if method != Method::GET && !path.starts_with("/sandbox") {
+        shared
+            .writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .record(format!("{method} {path}"));
+    }
     match serve(&shared, &method, &path, &headers, &query, &body).await {
         Ok(response) => response,
         Err(err) => {
@@ -187,6 +216,17 @@ async fn serve(
     let store = || shared.store();
     match segments.as_slice() {
         ["healthz"] | ["livez"] | ["readyz"] => return Ok((StatusCode::OK, "ok").into_response()),
+        ["sandbox", "writes"] => {
+            let writes = shared
+                .writes
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            return Ok(json_response(
+                StatusCode::OK,
+                &json!({"count": writes.total, "recent": writes.recent}),
+            ));
+        }
         ["version"] => return Ok(json_response(StatusCode::OK, &discovery::version())),
         ["api"] => {
             return Ok(json_response(

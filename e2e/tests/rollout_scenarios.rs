@@ -510,3 +510,116 @@ async fn an_operator_killed_mid_release_continues_from_status() {
     );
     s.stop().await;
 }
+
+/// 100 Rollouts at rest, reconciled every second: the operator must write nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_idle_rollouts_cause_no_writes() {
+    let sandbox = Sandbox::start(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        SandboxConfig {
+            ready_delay: Duration::from_millis(50),
+            ..SandboxConfig::default()
+        },
+    )
+    .await
+    .expect("sandbox");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    sandbox.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let config: kube::config::Kubeconfig =
+        serde_saphyr::from_str(&sandbox.kubeconfig()).expect("kubeconfig");
+    let client = Client::try_from(
+        kube::Config::from_custom_kubeconfig(config, &Default::default())
+            .await
+            .expect("config"),
+    )
+    .expect("client");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let fixture = std::fs::read_to_string(
+        sluice_e2e::harness::repo_root().join("e2e/fixtures/mesh-crds.yaml"),
+    )
+    .expect("mesh CRD fixture");
+    let mesh_crds: Vec<CustomResourceDefinition> =
+        serde_saphyr::from_multiple(&fixture).expect("fixture parses");
+    for crd in sluice::api::crds().into_iter().chain(mesh_crds) {
+        crds.create(&PostParams::default(), &crd)
+            .await
+            .expect("CRD installs");
+    }
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
+    let rollouts: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        NS,
+        &kube::core::ApiResource::erase::<Rollout>(&()),
+    );
+    const COUNT: usize = 100;
+    for i in 0..COUNT {
+        let name = format!("app-{i}");
+        let mut d = deployment("podinfo:1");
+        d["metadata"]["name"] = json!(name);
+        d["spec"]["selector"]["matchLabels"]["app"] = json!(name);
+        d["spec"]["template"]["metadata"]["labels"]["app"] = json!(name);
+        d["spec"]["replicas"] = json!(1);
+        deployments
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(d).expect("deployment"),
+            )
+            .await
+            .expect("create");
+        let mut r = rollout(Provider::Istio, canary_analysis(2), 60);
+        r["metadata"]["name"] = json!(name);
+        r["spec"]["targetRef"]["name"] = json!(name);
+        rollouts
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(r).expect("rollout"),
+            )
+            .await
+            .expect("create");
+    }
+    // Prometheus is never asked anything while the Rollouts are idle.
+    let operator = OperatorProcess::start(
+        &kubeconfig,
+        "http://127.0.0.1:9",
+        &dir.path().join("operator.log"),
+    )
+    .expect("operator starts");
+    let typed: Api<Rollout> = Api::namespaced(client.clone(), NS);
+    let started = Instant::now();
+    loop {
+        let list = typed.list(&Default::default()).await.expect("list");
+        let initialized = list
+            .items
+            .iter()
+            .filter(|r| r.status.as_ref().and_then(|s| s.phase) == Some(RolloutPhase::Initialized))
+            .count();
+        if initialized == COUNT {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "only {initialized}/{COUNT} initialized\n{}",
+            operator.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let init_time = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = sandbox.writes();
+    // Five analysis intervals: every Rollout is reconciled about five times.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = sandbox.writes();
+    let new: Vec<&String> = after
+        .recent
+        .iter()
+        .skip(after.recent.len() - (after.total - before.total) as usize)
+        .collect();
+    println!(
+        "MEASURED: {COUNT} Rollouts initialized in {} ms; writes while idle for 5s: {}",
+        init_time.as_millis(),
+        after.total - before.total
+    );
+    assert_eq!(after.total, before.total, "idle reconciles wrote: {new:?}");
+    sandbox.stop().await;
+}
