@@ -623,3 +623,39 @@ async fn a_hundred_idle_rollouts_cause_no_writes() {
     assert_eq!(after.total, before.total, "idle reconciles wrote: {new:?}");
     sandbox.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_indefinite_pause_waits_for_the_promote_annotation_which_is_used_once() {
+    let analysis = json!({
+        "interval": "1s", "threshold": 2,
+        "steps": [{"setWeight": 25}, {"pause": {}}, {"setWeight": 50}],
+        "metrics": [{"name": "request-success-rate", "thresholdRange": {"min": 99}, "interval": "10s"}]
+    });
+    let s = Scenario::start(Provider::Istio, analysis, 30).await;
+    s.release("podinfo:2", json!({})).await;
+    s.wait_for_phase(RolloutPhase::Paused, Duration::from_secs(20))
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        s.rollout().await.status.and_then(|st| st.phase),
+        Some(RolloutPhase::Paused),
+        "waits for a human"
+    );
+    assert_eq!(s.weight_sequence().last(), Some(&25));
+    let rollouts: Api<Rollout> = Api::namespaced(s.client.clone(), NS);
+    let promote = json!({"metadata": {"annotations": {"sluice.dev/promote": "true"}}});
+    rollouts
+        .patch("podinfo", &PatchParams::default(), &Patch::Merge(promote))
+        .await
+        .expect("annotate");
+    s.wait_for_phase(RolloutPhase::Succeeded, Duration::from_secs(20))
+        .await;
+    let climbed: Vec<u8> = s.weight_sequence().into_iter().filter(|w| *w > 0).collect();
+    assert_eq!(climbed, vec![25, 50]);
+    let annotations = s.rollout().await.metadata.annotations.unwrap_or_default();
+    assert!(
+        !annotations.contains_key("sluice.dev/promote"),
+        "the annotation is consumed: {annotations:?}"
+    );
+    s.stop().await;
+}

@@ -21,7 +21,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use thiserror::Error;
 
-use crate::api::{FIELD_MANAGER, MetricVerdict, Rollout, RolloutStatus, Verdict};
+use crate::api::{FIELD_MANAGER, MetricVerdict, Rollout, RolloutPhase, RolloutStatus, Verdict};
 use crate::metrics::{Prometheus, QueryContext};
 use crate::rollout::{Checks, Desired, Observed, PlanInput, checks_due, plan, set_condition};
 use crate::telemetry::Telemetry;
@@ -181,6 +181,19 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
     }
     if plan.status != status {
         write_status(rollout, ctx, &plan.status).await?;
+    }
+    // A promote annotation is used once: it must not also skip the next indefinite pause.
+    let left_pause = status.phase == Some(RolloutPhase::Paused)
+        && plan.status.phase != Some(RolloutPhase::Paused);
+    if observed.promote_requested && left_pause {
+        let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &names.namespace);
+        let patch = json!({"metadata": {"annotations": {PROMOTE_ANNOTATION: null}}});
+        api.patch(
+            &rollout.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(patch),
+        )
+        .await?;
     }
     for transition in &plan.transitions {
         ctx.telemetry.transition(transition.reason);
