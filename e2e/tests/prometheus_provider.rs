@@ -34,6 +34,7 @@ fn metric(name: &str, min: Option<f64>, max: Option<f64>, min_requests: Option<u
         interval: None,
         min_requests,
         on_no_data: NoDataPolicy::Hold,
+        template_variables: Default::default(),
     }
 }
 

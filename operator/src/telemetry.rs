@@ -34,6 +34,18 @@ pub struct PhaseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MetricLabels {
+    pub namespace: String,
+    pub name: String,
+    pub metric: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    pub verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
 }
@@ -55,6 +67,8 @@ pub struct Telemetry {
     canary_weight: Family<RolloutLabels, Gauge>,
     failed_checks: Family<RolloutLabels, Gauge>,
     transitions: Family<ReasonLabels, Counter>,
+    metric_value: Family<MetricLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    checks: Family<VerdictLabels, Counter>,
     reconcile_errors: Counter,
     reconcile_duration: Histogram,
     ready: AtomicBool,
@@ -73,6 +87,9 @@ impl Telemetry {
         let canary_weight = Family::<RolloutLabels, Gauge>::default();
         let failed_checks = Family::<RolloutLabels, Gauge>::default();
         let transitions = Family::<ReasonLabels, Counter>::default();
+        let metric_value =
+            Family::<MetricLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        let checks = Family::<VerdictLabels, Counter>::default();
         let reconcile_errors = Counter::default();
         let reconcile_duration = Histogram::new([
             0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -98,6 +115,12 @@ impl Telemetry {
             transitions.clone(),
         );
         registry.register(
+            "rollout_metric_value",
+            "Latest measured value of each Rollout metric",
+            metric_value.clone(),
+        );
+        registry.register("rollout_checks", "Metric checks by verdict", checks.clone());
+        registry.register(
             "reconcile_errors",
             "Reconciles that failed",
             reconcile_errors.clone(),
@@ -113,6 +136,8 @@ impl Telemetry {
             canary_weight,
             failed_checks,
             transitions,
+            metric_value,
+            checks,
             reconcile_errors,
             reconcile_duration,
             ready: AtomicBool::new(false),
@@ -130,6 +155,16 @@ impl Telemetry {
         self.failed_checks
             .get_or_create(&labels)
             .set(i64::from(status.failed_checks));
+        for verdict in &status.verdicts {
+            if let Some(value) = verdict.value {
+                let labels = MetricLabels {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                    metric: verdict.name.clone(),
+                };
+                self.metric_value.get_or_create(&labels).set(value);
+            }
+        }
         for phase in PHASES {
             let value = i64::from(status.phase == Some(phase));
             let labels = PhaseLabels {
@@ -141,8 +176,15 @@ impl Telemetry {
         }
     }
 
-    /// Drops the series of a deleted Rollout so cardinality follows live objects.
-    pub fn forget_rollout(&self, namespace: &str, name: &str) {
+    /// Drops the series of a deleted Rollout (and its `metrics`) so cardinality follows live objects.
+    pub fn forget_rollout(&self, namespace: &str, name: &str, metrics: &[String]) {
+        for metric in metrics {
+            self.metric_value.remove(&MetricLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                metric: metric.clone(),
+            });
+        }
         let labels = RolloutLabels {
             namespace: namespace.into(),
             name: name.into(),
@@ -162,6 +204,14 @@ impl Telemetry {
         self.transitions
             .get_or_create(&ReasonLabels {
                 reason: reason.into(),
+            })
+            .inc();
+    }
+
+    pub fn check(&self, verdict: crate::api::Verdict) {
+        self.checks
+            .get_or_create(&VerdictLabels {
+                verdict: format!("{verdict:?}"),
             })
             .inc();
     }
@@ -236,6 +286,17 @@ mod tests {
             canary_weight: Weight::new(30).expect("weight"),
             ..RolloutStatus::default()
         };
+        let status = RolloutStatus {
+            verdicts: vec![crate::api::MetricVerdict {
+                name: "request-success-rate".into(),
+                verdict: crate::api::Verdict::Pass,
+                value: Some(99.5),
+                checked_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    jiff::Timestamp::UNIX_EPOCH,
+                ),
+            }],
+            ..status
+        };
         t.observe_rollout("test", "web", &status);
         t.transition("WeightChanged");
         let text = t.encode();
@@ -253,7 +314,11 @@ mod tests {
             text.contains(r#"sluice_rollout_transitions_total{reason="WeightChanged"} 1"#),
             "{text}"
         );
-        t.forget_rollout("test", "web");
+        assert!(
+            text.contains(r#"sluice_rollout_metric_value{namespace="test",name="web",metric="request-success-rate"} 99.5"#),
+            "{text}"
+        );
+        t.forget_rollout("test", "web", &["request-success-rate".to_owned()]);
         assert!(!t.encode().contains(r#"name="web""#));
     }
 }

@@ -236,6 +236,9 @@ pub struct Metric {
     /// What a check with no data does: hold the step, or count as a failed check.
     #[serde(default)]
     pub on_no_data: NoDataPolicy,
+    /// Values for `{{ variables.NAME }}` in `query` (Flagger's `templateVariables`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub template_variables: std::collections::BTreeMap<String, String>,
 }
 
 /// Bounds a metric's value must stay within to pass.

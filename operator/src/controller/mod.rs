@@ -166,6 +166,9 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
     } else {
         Checks::NotRun
     };
+    if let Checks::Ran(verdicts) = &checks {
+        verdicts.iter().for_each(|v| ctx.telemetry.check(v.verdict));
+    }
     let generation = rollout.metadata.generation.unwrap_or(0);
     let plan = plan(PlanInput {
         spec: &rollout.spec,
@@ -232,7 +235,7 @@ async fn run_checks(rollout: &Rollout, names: &Names, ctx: &Context) -> Checks {
             target: names.target.clone(),
             service: names.service.clone(),
             interval: window.0.clone(),
-            variables: Default::default(),
+            variables: metric.template_variables.clone(),
         };
         match ctx
             .prometheus
@@ -438,8 +441,15 @@ async fn cleanup(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
     delete_if_present(&services, &names.service_primary).await?;
     delete_if_present(&services, &names.service_canary).await?;
     delete_if_present(&deployments, &names.primary).await?;
+    let metrics: Vec<String> = rollout
+        .spec
+        .analysis
+        .metrics
+        .iter()
+        .map(|m| m.name.clone())
+        .collect();
     ctx.telemetry
-        .forget_rollout(&names.namespace, &rollout.name_any());
+        .forget_rollout(&names.namespace, &rollout.name_any(), &metrics);
     tracing::info!(rollout = %rollout.name_any(), namespace = %names.namespace, "cleaned up; traffic is back on the target");
     Ok(Action::await_change())
 }

@@ -87,6 +87,7 @@ mod tests {
             interval: interval.map(|i| DurationString(i.into())),
             min_requests: Some(10),
             on_no_data: NoDataPolicy::Hold,
+            template_variables: Default::default(),
         }
     }
 
