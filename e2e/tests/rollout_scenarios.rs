@@ -659,3 +659,70 @@ async fn an_indefinite_pause_waits_for_the_promote_annotation_which_is_used_once
     );
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_a_rollout_hands_traffic_back_to_the_target() {
+    use k8s_openapi::api::core::v1::Service;
+    let s = Scenario::start(Provider::Istio, canary_analysis(2), 30).await;
+    assert_eq!(
+        s.deployment("podinfo").await.spec.and_then(|d| d.replicas),
+        Some(0),
+        "target parked at 0"
+    );
+    let rollouts: Api<Rollout> = Api::namespaced(s.client.clone(), NS);
+    rollouts
+        .delete("podinfo", &Default::default())
+        .await
+        .expect("delete");
+    let started = Instant::now();
+    while rollouts.get_opt("podinfo").await.expect("get").is_some() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the finalizer never let go\n{}",
+            s.operator.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let target = s.deployment("podinfo").await;
+    assert_eq!(
+        target.spec.and_then(|d| d.replicas),
+        Some(2),
+        "the target runs again, at the primary's size"
+    );
+    let services: Api<Service> = Api::namespaced(s.client.clone(), NS);
+    let apex = services
+        .get("podinfo")
+        .await
+        .expect("the apex Service stays");
+    let selector = apex.spec.and_then(|sp| sp.selector).unwrap_or_default();
+    assert_eq!(
+        selector.get("app").map(String::as_str),
+        Some("podinfo"),
+        "apex selects the target's pods again"
+    );
+    for gone in ["podinfo-primary", "podinfo-canary"] {
+        assert!(
+            services.get_opt(gone).await.expect("get").is_none(),
+            "Service {gone} removed"
+        );
+    }
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), NS);
+    assert!(
+        deployments
+            .get_opt("podinfo-primary")
+            .await
+            .expect("get")
+            .is_none(),
+        "primary removed"
+    );
+    let routes: Api<DynamicObject> = Api::namespaced_with(
+        s.client.clone(),
+        NS,
+        &router_for(Provider::Istio).api_resource(),
+    );
+    assert!(
+        routes.get_opt("podinfo").await.expect("get").is_none(),
+        "route removed"
+    );
+    s.stop().await;
+}
