@@ -89,6 +89,21 @@ fn route_target() -> RouteTarget {
 
 impl Scenario {
     async fn start(provider: Provider, analysis: Value, deadline: u32) -> Scenario {
+        let scenario =
+            Scenario::start_with(provider, analysis, deadline, deployment("podinfo:1")).await;
+        scenario
+            .wait_for_phase(RolloutPhase::Initialized, Duration::from_secs(20))
+            .await;
+        scenario
+    }
+
+    /// Starts everything with `target` as the Rollout's Deployment, without waiting for initialization.
+    async fn start_with(
+        provider: Provider,
+        analysis: Value,
+        deadline: u32,
+        target: Value,
+    ) -> Scenario {
         let sandbox = Sandbox::start(
             SocketAddr::from(([127, 0, 0, 1], 0)),
             SandboxConfig {
@@ -126,7 +141,7 @@ impl Scenario {
         deployments
             .create(
                 &PostParams::default(),
-                &serde_json::from_value(deployment("podinfo:1")).expect("deployment"),
+                &serde_json::from_value(target).expect("deployment"),
             )
             .await
             .expect("target created");
@@ -163,7 +178,7 @@ impl Scenario {
         .expect("operator starts");
         let weights: WeightLog = Arc::default();
         let recorder = tokio::spawn(record_weights(client.clone(), provider, weights.clone()));
-        let scenario = Scenario {
+        Scenario {
             client,
             provider,
             mesh,
@@ -174,11 +189,7 @@ impl Scenario {
             weights,
             recorder,
             sandbox: Some(sandbox),
-        };
-        scenario
-            .wait_for_phase(RolloutPhase::Initialized, Duration::from_secs(20))
-            .await;
-        scenario
+        }
     }
 
     async fn rollout(&self) -> Rollout {
@@ -723,6 +734,50 @@ async fn deleting_a_rollout_hands_traffic_back_to_the_target() {
     assert!(
         routes.get_opt("podinfo").await.expect("get").is_none(),
         "route removed"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_target_sluice_cannot_split_is_reported_as_invalid_spec() {
+    let mut target = deployment("podinfo:1");
+    target["spec"]["selector"] =
+        json!({"matchExpressions": [{"key": "app", "operator": "In", "values": ["podinfo"]}]});
+    let s = Scenario::start_with(Provider::Istio, canary_analysis(2), 30, target).await;
+    let started = Instant::now();
+    let condition = loop {
+        let status = s.rollout().await.status.unwrap_or_default();
+        if let Some(c) = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "InvalidSpec" && c.status == "True")
+        {
+            break c.clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no InvalidSpec condition\n{}",
+            s.operator.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        condition.message.contains("matchLabels"),
+        "{}",
+        condition.message
+    );
+    // Backed off, not hot-looping: the operator does not keep rewriting the status.
+    let rv = s.rollout().await.metadata.resource_version;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(s.rollout().await.metadata.resource_version, rv);
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), NS);
+    assert!(
+        deployments
+            .get_opt("podinfo-primary")
+            .await
+            .expect("get")
+            .is_none(),
+        "nothing was created"
     );
     s.stop().await;
 }
