@@ -87,6 +87,53 @@ fn route_target() -> RouteTarget {
     }
 }
 
+/// A sandbox with the Sluice and mesh CRDs installed, and a client and kubeconfig for it.
+struct Cluster {
+    sandbox: Sandbox,
+    client: Client,
+    dir: tempfile::TempDir,
+    kubeconfig: std::path::PathBuf,
+}
+
+async fn cluster() -> Cluster {
+    let config = SandboxConfig {
+        ready_delay: Duration::from_millis(100),
+        ..SandboxConfig::default()
+    };
+    let sandbox = Sandbox::start(SocketAddr::from(([127, 0, 0, 1], 0)), config)
+        .await
+        .expect("sandbox");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    sandbox.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let parsed: kube::config::Kubeconfig =
+        serde_saphyr::from_str(&sandbox.kubeconfig()).expect("kubeconfig parses");
+    let client = Client::try_from(
+        kube::Config::from_custom_kubeconfig(parsed, &Default::default())
+            .await
+            .expect("config"),
+    )
+    .expect("client");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let fixture = std::fs::read_to_string(
+        sluice_e2e::harness::repo_root().join("e2e/fixtures/mesh-crds.yaml"),
+    )
+    .expect("mesh CRD fixture");
+    let mesh_crds: Vec<CustomResourceDefinition> =
+        serde_saphyr::from_multiple(&fixture).expect("fixture parses");
+    for crd in sluice::api::crds().into_iter().chain(mesh_crds) {
+        crds.create(&PostParams::default(), &crd)
+            .await
+            .expect("CRD installs");
+    }
+    Cluster {
+        sandbox,
+        client,
+        dir,
+        kubeconfig,
+    }
+}
+
 impl Scenario {
     async fn start(provider: Provider, analysis: Value, deadline: u32) -> Scenario {
         let scenario =
@@ -104,39 +151,12 @@ impl Scenario {
         deadline: u32,
         target: Value,
     ) -> Scenario {
-        let sandbox = Sandbox::start(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            SandboxConfig {
-                ready_delay: Duration::from_millis(100),
-                ..SandboxConfig::default()
-            },
-        )
-        .await
-        .expect("sandbox");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let kubeconfig = dir.path().join("kubeconfig");
-        sandbox.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-        let config: kube::config::Kubeconfig =
-            serde_saphyr::from_str(&sandbox.kubeconfig()).expect("kubeconfig parses");
-        let client = Client::try_from(
-            kube::Config::from_custom_kubeconfig(config, &Default::default())
-                .await
-                .expect("config"),
-        )
-        .expect("client");
-
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        let fixture = std::fs::read_to_string(
-            sluice_e2e::harness::repo_root().join("e2e/fixtures/mesh-crds.yaml"),
-        )
-        .expect("mesh CRD fixture");
-        let mesh_crds: Vec<CustomResourceDefinition> =
-            serde_saphyr::from_multiple(&fixture).expect("fixture parses");
-        for crd in sluice::api::crds().into_iter().chain(mesh_crds) {
-            crds.create(&PostParams::default(), &crd)
-                .await
-                .expect("CRD installs");
-        }
+        let Cluster {
+            sandbox,
+            client,
+            dir,
+            kubeconfig,
+        } = cluster().await;
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
         deployments
             .create(
@@ -525,38 +545,12 @@ async fn an_operator_killed_mid_release_continues_from_status() {
 /// 100 Rollouts at rest, reconciled every second: the operator must write nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hundred_idle_rollouts_cause_no_writes() {
-    let sandbox = Sandbox::start(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        SandboxConfig {
-            ready_delay: Duration::from_millis(50),
-            ..SandboxConfig::default()
-        },
-    )
-    .await
-    .expect("sandbox");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = dir.path().join("kubeconfig");
-    sandbox.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-    let config: kube::config::Kubeconfig =
-        serde_saphyr::from_str(&sandbox.kubeconfig()).expect("kubeconfig");
-    let client = Client::try_from(
-        kube::Config::from_custom_kubeconfig(config, &Default::default())
-            .await
-            .expect("config"),
-    )
-    .expect("client");
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let fixture = std::fs::read_to_string(
-        sluice_e2e::harness::repo_root().join("e2e/fixtures/mesh-crds.yaml"),
-    )
-    .expect("mesh CRD fixture");
-    let mesh_crds: Vec<CustomResourceDefinition> =
-        serde_saphyr::from_multiple(&fixture).expect("fixture parses");
-    for crd in sluice::api::crds().into_iter().chain(mesh_crds) {
-        crds.create(&PostParams::default(), &crd)
-            .await
-            .expect("CRD installs");
-    }
+    let Cluster {
+        sandbox,
+        client,
+        dir,
+        kubeconfig,
+    } = cluster().await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
     let rollouts: Api<DynamicObject> = Api::namespaced_with(
         client.clone(),

@@ -244,22 +244,15 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
                     });
                     steady(&mut next)
                 } else {
-                    transitions.push(Transition {
-                        warning: false,
-                        reason: "RevisionChanged",
-                        message: format!(
-                            "revision {} replaced {} mid-release; the analysis restarts",
-                            target_revision,
-                            status.revision.as_deref().unwrap_or("?")
-                        ),
-                    });
-                    start_release(&mut next, &target_revision, now, spec, &mut transitions);
                     requeue_after = READINESS_POLL;
-                    Desired {
-                        primary_from_target: false,
-                        canary_up: true,
-                        canary_weight: Weight::ZERO,
-                    }
+                    restart_release(
+                        &mut next,
+                        status,
+                        &target_revision,
+                        now,
+                        spec,
+                        &mut transitions,
+                    )
                 }
             } else {
                 let (desired, requeue) = progress(
@@ -280,21 +273,15 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
                 && observed.primary_revision.as_deref() != status.revision.as_deref() =>
         {
             // A newer revision arrived before the primary took the judged one: judge the newer one.
-            transitions.push(Transition {
-                warning: false,
-                reason: "RevisionChanged",
-                message: format!(
-                    "revision {target_revision} replaced {} during promotion; the analysis restarts",
-                    status.revision.as_deref().unwrap_or("?")
-                ),
-            });
-            start_release(&mut next, &target_revision, now, spec, &mut transitions);
             requeue_after = READINESS_POLL;
-            Desired {
-                primary_from_target: false,
-                canary_up: true,
-                canary_weight: status.canary_weight,
-            }
+            restart_release(
+                &mut next,
+                status,
+                &target_revision,
+                now,
+                spec,
+                &mut transitions,
+            )
         }
         Some(RolloutPhase::Promoting) => {
             let promoted_revision = status.revision.clone().unwrap_or_default();
@@ -393,6 +380,31 @@ fn start_release(
         reason: "ReleaseStarted",
         message: format!("new revision {revision} detected; starting the canary analysis"),
     });
+}
+
+/// The target changed before the release finished: the new revision starts from the first stage.
+fn restart_release(
+    next: &mut RolloutStatus,
+    status: &RolloutStatus,
+    revision: &str,
+    now: Timestamp,
+    spec: &RolloutSpec,
+    transitions: &mut Vec<Transition>,
+) -> Desired {
+    transitions.push(Transition {
+        warning: false,
+        reason: "RevisionChanged",
+        message: format!(
+            "revision {revision} replaced {} before it was promoted; the analysis restarts",
+            status.revision.as_deref().unwrap_or("?")
+        ),
+    });
+    start_release(next, revision, now, spec, transitions);
+    Desired {
+        primary_from_target: false,
+        canary_up: true,
+        canary_weight: Weight::ZERO,
+    }
 }
 
 fn rollback(
