@@ -49,6 +49,8 @@ pub struct Context {
     pub prometheus: Prometheus,
     pub recorder: Recorder,
     pub telemetry: Arc<Telemetry>,
+    /// Consecutive failed reconciles per Rollout, for exponential backoff.
+    failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<Rollout>, u32>>,
 }
 
 /// Runs the Rollout controller until the watch streams end.
@@ -64,6 +66,7 @@ pub async fn run(client: Client, prometheus: Prometheus, telemetry: Arc<Telemetr
         prometheus,
         recorder: Recorder::new(client, reporter),
         telemetry: telemetry.clone(),
+        failures: Default::default(),
     });
     let controller = Controller::new(rollouts, watcher::Config::default());
     let store = controller.store();
@@ -96,11 +99,26 @@ pub async fn run(client: Client, prometheus: Prometheus, telemetry: Arc<Telemetr
         .await;
 }
 
+/// Backoff after the n-th consecutive failure: 1s, 2s, 4s … capped at 60s.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60))
+}
+
 fn error_policy(rollout: Arc<Rollout>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.telemetry.reconcile_failed();
-    tracing::warn!(rollout = %rollout.name_any(), namespace = ?rollout.namespace(), error = %err, "reconcile failed; retrying");
+    let failures = {
+        let mut failures = ctx
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = failures.entry(ObjectRef::from_obj(&*rollout)).or_insert(0);
+        *count += 1;
+        *count
+    };
+    let retry = backoff(failures);
+    tracing::warn!(rollout = %rollout.name_any(), namespace = ?rollout.namespace(), error = %err, failures, retry_secs = retry.as_secs(), "reconcile failed; retrying");
     // The rollout stays frozen where it is; the planner applies the progress deadline once we are back.
-    Action::requeue(Duration::from_secs(5))
+    Action::requeue(retry)
 }
 
 async fn reconcile(rollout: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -109,6 +127,7 @@ async fn reconcile(rollout: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, E
         .namespace()
         .ok_or_else(|| Error::NoNamespace(rollout.name_any()))?;
     let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
+    let reference = ObjectRef::from_obj(&*rollout);
     let result = finalizer(&api, FINALIZER, rollout, |event| async {
         match event {
             Finalizer::Apply(rollout) => apply(&rollout, &ctx).await,
@@ -118,6 +137,12 @@ async fn reconcile(rollout: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, E
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
     ctx.telemetry.reconcile_took(started.elapsed());
+    if result.is_ok() {
+        ctx.failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&reference);
+    }
     result
 }
 
@@ -462,5 +487,16 @@ where
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
         Err(err) => Err(err.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_a_minute() {
+        let waits: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(waits, vec![1, 2, 4, 8, 16, 32, 60, 60, 60]);
     }
 }
