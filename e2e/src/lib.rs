@@ -7,6 +7,7 @@
 //! strategic-merge / server-side-apply patches, finalizers, ownerReference garbage collection, and a kubelet
 //! stand-in that makes Deployments and StatefulSets ready. It is a test harness, not a production API server.
 
+pub mod alertmanager;
 mod discovery;
 pub mod harness;
 pub mod kubelet;

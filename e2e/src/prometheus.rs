@@ -301,7 +301,7 @@ fn first_value(data: &serde_json::Value) -> Option<f64> {
 }
 
 /// A minimal HTTP/1.0 GET (the e2e library has no HTTP client; HTTP/1.0 rules out chunked replies).
-async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), HarnessError> {
+pub(crate) async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), HarnessError> {
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await?;
         let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");

@@ -6,6 +6,7 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod metrics;
+pub mod notify;
 pub mod rollout;
 pub mod telemetry;
 pub mod traffic;

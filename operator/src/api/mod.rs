@@ -3,6 +3,8 @@
 //! Types only: no client, no reconcile logic. Validation that the API server can do (ranges, enums,
 //! CEL cross-field rules) lives in the schema so invalid specs are refused before Sluice ever sees them.
 
+#[allow(clippy::duplicated_attributes)]
+mod alert;
 // clippy mistakes the repeated `type_ = ...` keys of kube-derive's `printcolumn(...)` for duplicated attributes.
 #[allow(clippy::duplicated_attributes)]
 mod authz;
@@ -10,6 +12,7 @@ mod common;
 #[allow(clippy::duplicated_attributes)]
 mod rollout;
 
+pub use alert::*;
 pub use authz::*;
 pub use common::*;
 pub use rollout::*;
@@ -26,7 +29,11 @@ pub const MANAGED_BY_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", "slu
 
 /// Every CRD Sluice installs, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![AuthorizationPolicy::crd(), Rollout::crd()]
+    vec![
+        AlertProvider::crd(),
+        AuthorizationPolicy::crd(),
+        Rollout::crd(),
+    ]
 }
 
 /// The file name under `crds/` for a CRD, e.g. `rollouts.sluice.dev.yaml`.

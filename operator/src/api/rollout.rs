@@ -173,6 +173,9 @@ pub struct Analysis {
     /// Metrics checked at every interval; every one must pass for the release to advance.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metrics: Vec<Metric>,
+    /// Where this Rollout's notifications go.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<super::RolloutAlert>,
 }
 
 fn default_threshold() -> u32 {
@@ -313,6 +316,48 @@ pub struct RolloutStatus {
     pub verdicts: Vec<MetricVerdict>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// Notifications not yet accepted by every alert they go to (the outbox). An entry leaves only once each
+    /// sink accepted it, so a restarted operator still delivers it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notifications: Vec<OutboxEntry>,
+    /// The rollback alert firing on Alertmanager; the next promotion resolves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firing_alert: Option<FiringAlert>,
+}
+
+/// One notification waiting for delivery.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxEntry {
+    /// Stable delivery id, sent to sinks as an idempotency key.
+    pub id: String,
+    pub reason: String,
+    pub severity: super::AlertSeverity,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// When the transition happened (RFC 3339).
+    pub at: String,
+    /// Resolves the firing Alertmanager alert (sent to Alertmanager providers only).
+    #[serde(default)]
+    pub resolves: bool,
+    /// Names of the `analysis.alerts` that have not accepted it yet.
+    pub pending: Vec<String>,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FiringAlert {
+    pub revision: String,
+    pub severity: super::AlertSeverity,
+    /// The alerts (names) it was sent to.
+    pub alerts: Vec<String>,
 }
 
 /// Short phase shown by `kubectl get rollouts`.

@@ -41,6 +41,12 @@ pub struct OperatorArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub metrics_addr: std::net::SocketAddr,
+    /// AlertProvider (`NAMESPACE/NAME`) for Rollouts that configure no alerts; they get warnings and errors.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pub default_alert_provider: Option<String>,
+    /// HTTPS proxy for alert deliveries.
+    #[arg(long, env = "SLUICE_ALERT_PROXY")]
+    pub alert_proxy: Option<String>,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -64,6 +70,10 @@ pub enum CliError {
     },
     #[error("no usable Kubernetes configuration (set KUBECONFIG or run in a cluster): {0}")]
     Kubeconfig(#[source] kube::Error),
+    #[error("invalid --default-alert-provider {0:?}: expected NAMESPACE/NAME")]
+    DefaultAlertProvider(String),
+    #[error("cannot set up alert delivery: {0}")]
+    Alerts(#[source] crate::notify::DeliveryError),
     #[error("invalid --prometheus-url: {0}")]
     Prometheus(#[source] crate::metrics::ProviderError),
     #[error("could not render the CRDs as YAML: {0}")]
@@ -132,6 +142,28 @@ async fn operator(args: OperatorArgs) -> Result<(), CliError> {
         std::time::Duration::from_secs(args.prometheus_timeout_secs.max(1)),
     )
     .map_err(CliError::Prometheus)?;
+    let default_alert = match &args.default_alert_provider {
+        None => None,
+        Some(text) => {
+            let (namespace, name) = text
+                .split_once('/')
+                .filter(|(ns, n)| !ns.is_empty() && !n.is_empty())
+                .ok_or_else(|| CliError::DefaultAlertProvider(text.clone()))?;
+            Some(crate::api::RolloutAlert {
+                name: "default".into(),
+                severity: crate::api::AlertSeverity::Warn,
+                provider_ref: crate::api::ProviderRef {
+                    name: name.into(),
+                    namespace: Some(namespace.into()),
+                },
+            })
+        }
+    };
+    let deliverer = crate::notify::Deliverer::new(
+        std::time::Duration::from_secs(10),
+        args.alert_proxy.as_deref(),
+    )
+    .map_err(CliError::Alerts)?;
     let client = kube::Client::try_default()
         .await
         .map_err(CliError::Kubeconfig)?;
@@ -142,7 +174,7 @@ async fn operator(args: OperatorArgs) -> Result<(), CliError> {
         .unwrap_or_default();
     tracing::info!(metrics_addr, prometheus = %args.prometheus_url, "sluice operator starting");
     let server = tokio::spawn(crate::telemetry::serve(listener, telemetry.clone()));
-    crate::controller::run(client, prometheus, telemetry).await;
+    crate::controller::run(client, prometheus, telemetry, deliverer, default_alert).await;
     server.abort();
     tracing::info!("sluice operator stopped");
     Ok(())

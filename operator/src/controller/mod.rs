@@ -2,6 +2,7 @@
 //! metric checks the planner asks for, and converges workloads, Services and the route to the plan — writing
 //! only what differs, with one field manager.
 
+pub mod outbox;
 pub mod workload;
 
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -21,8 +22,12 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use thiserror::Error;
 
-use crate::api::{FIELD_MANAGER, MetricVerdict, Rollout, RolloutPhase, RolloutStatus, Verdict};
+use crate::api::{
+    AlertProvider, AlertProviderType, AlertSeverity, FIELD_MANAGER, MetricVerdict, Rollout,
+    RolloutAlert, RolloutPhase, RolloutStatus, Verdict,
+};
 use crate::metrics::{Prometheus, QueryContext};
+use crate::notify::{Deliverer, Notification, Severity, Sink};
 use crate::rollout::{Checks, Desired, Observed, PlanInput, checks_due, plan, set_condition};
 use crate::telemetry::Telemetry;
 use crate::traffic::{RouteTarget, Split, router_for};
@@ -49,12 +54,21 @@ pub struct Context {
     pub prometheus: Prometheus,
     pub recorder: Recorder,
     pub telemetry: Arc<Telemetry>,
+    pub deliverer: Deliverer,
+    /// Alert used by Rollouts that configure none (`--default-alert-provider`).
+    pub default_alert: Option<RolloutAlert>,
     /// Consecutive failed reconciles per Rollout, for exponential backoff.
     failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<Rollout>, u32>>,
 }
 
 /// Runs the Rollout controller until the watch streams end.
-pub async fn run(client: Client, prometheus: Prometheus, telemetry: Arc<Telemetry>) {
+pub async fn run(
+    client: Client,
+    prometheus: Prometheus,
+    telemetry: Arc<Telemetry>,
+    deliverer: Deliverer,
+    default_alert: Option<RolloutAlert>,
+) {
     let rollouts: Api<Rollout> = Api::all(client.clone());
     let deployments: Api<Deployment> = Api::all(client.clone());
     let reporter = Reporter {
@@ -66,6 +80,8 @@ pub async fn run(client: Client, prometheus: Prometheus, telemetry: Arc<Telemetr
         prometheus,
         recorder: Recorder::new(client, reporter),
         telemetry: telemetry.clone(),
+        deliverer,
+        default_alert,
         failures: Default::default(),
     });
     let controller = Controller::new(rollouts, watcher::Config::default());
@@ -207,8 +223,20 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
     if let (Some(desired), Some(target)) = (plan.desired, &target) {
         converge(rollout, &names, ctx, desired, target, primary.as_ref()).await?;
     }
-    if plan.status != status {
-        write_status(rollout, ctx, &plan.status).await?;
+    // Transitions enter the outbox in the same status write as the transition itself, so a restart between
+    // here and a successful delivery still delivers.
+    let mut next_status = plan.status.clone();
+    let alerts = alerts_of(rollout, ctx);
+    let key = format!("{}/{}", names.namespace, rollout.name_any());
+    for dropped in outbox::enqueue(&mut next_status, &alerts, &key, &plan.transitions, now) {
+        tracing::warn!(rollout = %rollout.name_any(), id = %dropped, "outbox full: dropped the oldest undelivered notification");
+    }
+    if next_status != status {
+        write_status(rollout, ctx, &next_status).await?;
+    }
+    if let Some(delivered) = deliver_outbox(rollout, ctx, &alerts, &next_status).await {
+        write_status(rollout, ctx, &delivered).await?;
+        next_status = delivered;
     }
     // A promote annotation is used once: it must not also skip the next indefinite pause.
     let left_pause = status.phase == Some(RolloutPhase::Paused)
@@ -242,8 +270,156 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
         tracing::info!(rollout = %rollout.name_any(), namespace = %names.namespace, reason = transition.reason, message = %transition.message, "transition");
     }
     ctx.telemetry
-        .observe_rollout(&names.namespace, &rollout.name_any(), &plan.status);
-    Ok(Action::requeue(plan.requeue_after))
+        .observe_rollout(&names.namespace, &rollout.name_any(), &next_status);
+    let requeue = outbox::next_due(&next_status, jiff::Timestamp::now())
+        .map_or(plan.requeue_after, |due| {
+            due.max(Duration::from_millis(200)).min(plan.requeue_after)
+        });
+    Ok(Action::requeue(requeue))
+}
+
+fn alerts_of(rollout: &Rollout, ctx: &Context) -> Vec<RolloutAlert> {
+    if rollout.spec.analysis.alerts.is_empty() {
+        ctx.default_alert.iter().cloned().collect()
+    } else {
+        rollout.spec.analysis.alerts.clone()
+    }
+}
+
+/// Resolves an alert's provider (and its Secret) into a sink.
+async fn sink_for(
+    alert: &RolloutAlert,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<(Sink, AlertProviderType), String> {
+    let provider_ns = alert
+        .provider_ref
+        .namespace
+        .clone()
+        .unwrap_or_else(|| namespace.to_owned());
+    let providers: Api<AlertProvider> = Api::namespaced(ctx.client.clone(), &provider_ns);
+    let provider = providers
+        .get_opt(&alert.provider_ref.name)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| {
+            format!(
+                "AlertProvider {provider_ns}/{} not found",
+                alert.provider_ref.name
+            )
+        })?;
+    let mut address = provider.spec.address.clone();
+    let mut hmac_key = None;
+    if let Some(secret_ref) = &provider.spec.secret_ref {
+        let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &provider_ns);
+        let secret = secrets
+            .get_opt(&secret_ref.name)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                format!(
+                    "Secret {provider_ns}/{} of AlertProvider {} not found",
+                    secret_ref.name, alert.provider_ref.name
+                )
+            })?;
+        let data = secret.data.unwrap_or_default();
+        if let Some(value) = data.get("address") {
+            address = Some(String::from_utf8_lossy(&value.0).into_owned());
+        }
+        hmac_key = data.get("hmacKey").map(|v| v.0.clone());
+    }
+    let address = address.ok_or_else(|| {
+        format!(
+            "AlertProvider {provider_ns}/{} has no address",
+            alert.provider_ref.name
+        )
+    })?;
+    let spec = &provider.spec;
+    let sink = match spec.type_ {
+        AlertProviderType::Slack => Sink::Slack {
+            address,
+            channel: spec.channel.clone(),
+            username: spec.username.clone(),
+        },
+        AlertProviderType::Msteams => Sink::MsTeams { address },
+        AlertProviderType::Discord => Sink::Discord {
+            address,
+            username: spec.username.clone(),
+        },
+        AlertProviderType::Googlechat => Sink::GoogleChat { address },
+        AlertProviderType::Webhook => Sink::Webhook { address, hmac_key },
+        AlertProviderType::Alertmanager => Sink::Alertmanager { address },
+    };
+    Ok((sink, spec.type_))
+}
+
+/// Delivers what is due in the outbox; returns the updated status when anything changed.
+async fn deliver_outbox(
+    rollout: &Rollout,
+    ctx: &Context,
+    alerts: &[RolloutAlert],
+    status: &RolloutStatus,
+) -> Option<RolloutStatus> {
+    let now = jiff::Timestamp::now();
+    let namespace = rollout.namespace().unwrap_or_default();
+    let mut next = status.clone();
+    for entry in next
+        .notifications
+        .iter_mut()
+        .filter(|e| outbox::due(e, now))
+    {
+        for alert_name in entry.pending.clone() {
+            // An alert removed from the spec no longer wants anything.
+            let Some(alert) = alerts.iter().find(|a| a.name == alert_name) else {
+                outbox::record(entry, &alert_name, Ok(()), now);
+                continue;
+            };
+            let outcome = match sink_for(alert, &namespace, ctx).await {
+                Err(why) => Err(why),
+                // Alertmanager receives rollbacks (firing) and their resolution; chat sinks everything else.
+                Ok((_, AlertProviderType::Alertmanager))
+                    if entry.reason != "RolledBack" && !entry.resolves =>
+                {
+                    Ok(())
+                }
+                Ok((_, kind)) if entry.resolves && kind != AlertProviderType::Alertmanager => {
+                    Ok(())
+                }
+                Ok((sink, _)) => {
+                    let notification = Notification {
+                        id: entry.id.clone(),
+                        namespace: namespace.clone(),
+                        rollout: rollout.name_any(),
+                        reason: entry.reason.clone(),
+                        severity: match entry.severity {
+                            AlertSeverity::Info => Severity::Info,
+                            AlertSeverity::Warn => Severity::Warn,
+                            AlertSeverity::Error => Severity::Error,
+                        },
+                        message: entry.message.clone(),
+                        revision: entry.revision.clone(),
+                        at: entry.at.clone(),
+                        resolves: entry.resolves,
+                    };
+                    ctx.deliverer
+                        .deliver(&sink, &notification)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+            };
+            match &outcome {
+                Ok(()) => {
+                    tracing::info!(rollout = %rollout.name_any(), alert = %alert_name, id = %entry.id, "notification delivered")
+                }
+                Err(error) => {
+                    tracing::warn!(rollout = %rollout.name_any(), alert = %alert_name, id = %entry.id, %error, "notification not delivered; will retry")
+                }
+            }
+            outbox::record(entry, &alert_name, outcome, now);
+        }
+    }
+    next.notifications.retain(|e| !e.pending.is_empty());
+    (next != *status).then_some(next)
 }
 
 /// Runs every metric of the analysis; any provider error freezes the rollout.

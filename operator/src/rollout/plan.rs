@@ -546,6 +546,19 @@ fn progress(
                 (running(weight), wait)
             }
             Checks::Unavailable(reason) => {
+                if !status
+                    .message
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with("frozen"))
+                {
+                    transitions.push(Transition {
+                        warning: true,
+                        reason: "Frozen",
+                        message: format!(
+                            "frozen at {weight}: metrics unavailable ({reason}); nothing is promoted until they are back"
+                        ),
+                    });
+                }
                 next.message = Some(format!(
                     "frozen at {weight}: metrics unavailable ({reason})"
                 ));
