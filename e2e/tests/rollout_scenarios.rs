@@ -775,3 +775,347 @@ async fn a_target_sluice_cannot_split_is_reported_as_invalid_spec() {
     );
     s.stop().await;
 }
+
+/// A webhook receiver that refuses the first `failures` requests (or all, while `down`), and records what it
+/// accepted.
+#[derive(Default)]
+struct Receiver {
+    failures: usize,
+    down: bool,
+    attempts: usize,
+    accepted: Vec<(String, Value, Option<String>, Vec<u8>)>,
+}
+
+type SharedReceiver = Arc<Mutex<Receiver>>;
+
+async fn start_receiver(receiver: SharedReceiver) -> SocketAddr {
+    use axum::http::{HeaderMap, StatusCode};
+    async fn hook(
+        axum::extract::State(state): axum::extract::State<SharedReceiver>,
+        headers: HeaderMap,
+        body: axum::body::Bytes,
+    ) -> StatusCode {
+        let Ok(mut r) = state.lock() else {
+            return StatusCode::INTERNAL_SERVER_ERROR;
+        };
+        r.attempts += 1;
+        if r.down || r.failures > 0 {
+            r.failures = r.failures.saturating_sub(1);
+            return StatusCode::SERVICE_UNAVAILABLE;
+        }
+        let id = headers
+            .get("x-sluice-delivery")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let signature = headers
+            .get("x-sluice-signature")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        r.accepted.push((id, json, signature, body.to_vec()));
+        StatusCode::OK
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(hook))
+        .with_state(receiver);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    addr
+}
+
+const HMAC_KEY: &str = "s3cr3t";
+
+async fn install_providers(s: &Scenario, alertmanager: Option<&str>, hook: SocketAddr) {
+    use k8s_openapi::api::core::v1::Secret;
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), NS);
+    let secret = json!({"metadata": {"name": "hook"},
+        "stringData": {"address": format!("http://{hook}/hook"), "hmacKey": HMAC_KEY}});
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(secret).expect("secret"),
+        )
+        .await
+        .expect("secret");
+    let providers: Api<sluice::api::AlertProvider> = Api::namespaced(s.client.clone(), NS);
+    let hook_provider = json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "AlertProvider",
+        "metadata": {"name": "hook"}, "spec": {"type": "webhook", "secretRef": {"name": "hook"}}});
+    providers
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(hook_provider).expect("p"),
+        )
+        .await
+        .expect("p");
+    if let Some(url) = alertmanager {
+        let am = json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "AlertProvider",
+            "metadata": {"name": "alertmanager"}, "spec": {"type": "alertmanager", "address": url}});
+        providers
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(am).expect("p"),
+            )
+            .await
+            .expect("p");
+    }
+}
+
+fn alerting_analysis() -> Value {
+    let mut analysis = canary_analysis(1);
+    analysis["alerts"] = json!([
+        {"name": "pager", "severity": "error", "providerRef": {"name": "alertmanager"}},
+        {"name": "hook", "severity": "info", "providerRef": {"name": "hook"}}
+    ]);
+    analysis
+}
+
+fn accepted_reasons(receiver: &SharedReceiver) -> Vec<(String, String)> {
+    receiver
+        .lock()
+        .map(|r| {
+            r.accepted
+                .iter()
+                .map(|(id, body, _, _)| {
+                    (
+                        id.clone(),
+                        body["reason"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(started.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rollback_alert_reaches_alertmanager_and_a_later_success_resolves_it() {
+    let s = Scenario::start(Provider::Istio, alerting_analysis(), 30).await;
+    let alertmanager = sluice_e2e::alertmanager::AlertmanagerServer::start()
+        .await
+        .expect("alertmanager");
+    let receiver: SharedReceiver = Arc::new(Mutex::new(Receiver {
+        failures: 2,
+        ..Receiver::default()
+    }));
+    let hook = start_receiver(receiver.clone()).await;
+    install_providers(&s, Some(&alertmanager.url()), hook).await;
+
+    s.mesh.set(
+        "podinfo",
+        NS,
+        WorkloadTraffic {
+            rps: 50.0,
+            error_ratio: 0.5,
+            latency_ms: 20.0,
+        },
+    );
+    s.release("podinfo:bad", json!({})).await;
+    s.wait_for_phase(RolloutPhase::Failed, Duration::from_secs(30))
+        .await;
+    let failed_revision = s
+        .rollout()
+        .await
+        .status
+        .and_then(|st| st.revision)
+        .unwrap_or_default();
+
+    let alert = eventually(
+        "the rollback alert in Alertmanager",
+        Duration::from_secs(20),
+        async || {
+            let alerts = alertmanager.alerts().await.ok()?;
+            alerts
+                .into_iter()
+                .find(|a| a["labels"]["rollout"] == "podinfo" && a["status"]["state"] == "active")
+        },
+    )
+    .await;
+    assert_eq!(alert["labels"]["alertname"], "SluiceRolloutRolledBack");
+    assert_eq!(alert["labels"]["namespace"], NS);
+    assert_eq!(alert["labels"]["severity"], "error");
+    assert_eq!(alert["labels"]["revision"], json!(failed_revision));
+    assert!(
+        alert["annotations"]["description"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("request-success-rate"),
+        "{alert}"
+    );
+
+    // The webhook refused twice, then accepted each notification exactly once, signed.
+    let reasons = eventually("webhook deliveries", Duration::from_secs(20), async || {
+        let reasons = accepted_reasons(&receiver);
+        reasons
+            .iter()
+            .any(|(_, r)| r == "RolledBack")
+            .then_some(reasons)
+    })
+    .await;
+    let ids: std::collections::BTreeSet<&String> = reasons.iter().map(|(id, _)| id).collect();
+    assert_eq!(
+        ids.len(),
+        reasons.len(),
+        "a notification was delivered twice: {reasons:?}"
+    );
+    let names: Vec<&str> = reasons.iter().map(|(_, r)| r.as_str()).collect();
+    assert!(
+        names.contains(&"ReleaseStarted") && names.contains(&"RolledBack"),
+        "{names:?}"
+    );
+    let attempts = receiver.lock().map(|r| r.attempts).unwrap_or_default();
+    assert!(
+        attempts >= reasons.len() + 2,
+        "the two refusals were retried"
+    );
+    if let Ok(r) = receiver.lock() {
+        for (_, _, signature, body) in &r.accepted {
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, HMAC_KEY.as_bytes());
+            let tag = ring::hmac::sign(&key, body);
+            let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(signature.as_deref(), Some(format!("sha256={hex}").as_str()));
+        }
+    }
+
+    // A successful release resolves the alert.
+    s.mesh.set("podinfo", NS, WorkloadTraffic::healthy(50.0));
+    // Wait until the errors have left the 10s query window, or the next release would judge them too.
+    let query = r#"sum(rate(istio_requests_total{reporter="destination",destination_workload="podinfo",response_code=~"5.*"}[10s]))"#;
+    eventually(
+        "the errors to age out of the query window",
+        Duration::from_secs(30),
+        async || {
+            let answer = s.prometheus.query(query).await.ok()?;
+            let errors = answer
+                .pointer("/result/0/value/1")
+                .and_then(Value::as_str)
+                .and_then(|v| v.parse::<f64>().ok());
+            errors.is_none_or(|e| e == 0.0).then_some(())
+        },
+    )
+    .await;
+    s.release("podinfo:good", json!({})).await;
+    s.wait_for_phase(RolloutPhase::Succeeded, Duration::from_secs(40))
+        .await;
+    eventually(
+        "the alert to be resolved",
+        Duration::from_secs(20),
+        async || {
+            let alerts = alertmanager.alerts().await.ok()?;
+            (!alerts
+                .iter()
+                .any(|a| a["labels"]["rollout"] == "podinfo" && a["status"]["state"] == "active"))
+            .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        s.rollout()
+            .await
+            .status
+            .and_then(|st| st.firing_alert)
+            .is_none()
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operator_restart_before_delivery_still_delivers_exactly_once() {
+    let mut analysis = canary_analysis(1);
+    analysis["alerts"] =
+        json!([{"name": "hook", "severity": "info", "providerRef": {"name": "hook"}}]);
+    let mut s = Scenario::start(Provider::Istio, analysis, 30).await;
+    let receiver: SharedReceiver = Arc::new(Mutex::new(Receiver {
+        down: true,
+        ..Receiver::default()
+    }));
+    let hook = start_receiver(receiver.clone()).await;
+    install_providers(&s, None, hook).await;
+    s.mesh.set(
+        "podinfo",
+        NS,
+        WorkloadTraffic {
+            rps: 50.0,
+            error_ratio: 0.5,
+            latency_ms: 20.0,
+        },
+    );
+    s.release("podinfo:bad", json!({})).await;
+    s.wait_for_phase(RolloutPhase::Failed, Duration::from_secs(30))
+        .await;
+    // The sink is down: the rollback waits in the outbox, in status.
+    eventually(
+        "a refused delivery attempt",
+        Duration::from_secs(10),
+        async || (receiver.lock().map(|r| r.attempts).unwrap_or_default() > 0).then_some(()),
+    )
+    .await;
+    let pending = s
+        .rollout()
+        .await
+        .status
+        .map(|st| st.notifications)
+        .unwrap_or_default();
+    assert!(
+        pending.iter().any(|n| n.reason == "RolledBack"),
+        "rollback not in the outbox: {pending:?}"
+    );
+    s.operator.kill();
+    if let Ok(mut r) = receiver.lock() {
+        r.down = false;
+    }
+    s.operator = OperatorProcess::start(
+        &s.kubeconfig,
+        &s.prometheus.url(),
+        &s.dir.path().join("operator-2.log"),
+    )
+    .expect("operator restarts");
+    eventually(
+        "the rollback delivered after the restart",
+        Duration::from_secs(30),
+        async || {
+            accepted_reasons(&receiver)
+                .iter()
+                .any(|(_, r)| r == "RolledBack")
+                .then_some(())
+        },
+    )
+    .await;
+    eventually("an empty outbox", Duration::from_secs(20), async || {
+        s.rollout()
+            .await
+            .status
+            .is_some_and(|st| st.notifications.is_empty())
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rolled_back = accepted_reasons(&receiver)
+        .into_iter()
+        .filter(|(_, r)| r == "RolledBack")
+        .count();
+    assert_eq!(
+        rolled_back, 1,
+        "exactly one rollback notification across the restart"
+    );
+    s.stop().await;
+}
