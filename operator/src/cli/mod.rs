@@ -44,6 +44,9 @@ pub struct OperatorArgs {
     /// AlertProvider (`NAMESPACE/NAME`) for Rollouts that configure no alerts; they get warnings and errors.
     #[arg(long, value_name = "NAMESPACE/NAME")]
     pub default_alert_provider: Option<String>,
+    /// Timeout of one alert delivery, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub alert_timeout_secs: u64,
     /// HTTPS proxy for alert deliveries.
     #[arg(long, env = "SLUICE_ALERT_PROXY")]
     pub alert_proxy: Option<String>,
@@ -160,7 +163,7 @@ async fn operator(args: OperatorArgs) -> Result<(), CliError> {
         }
     };
     let deliverer = crate::notify::Deliverer::new(
-        std::time::Duration::from_secs(10),
+        std::time::Duration::from_secs(args.alert_timeout_secs.max(1)),
         args.alert_proxy.as_deref(),
     )
     .map_err(CliError::Alerts)?;

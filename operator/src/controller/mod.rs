@@ -601,7 +601,25 @@ async fn invalid_spec(
         generation,
         jiff::Timestamp::now(),
     );
+    let alerts = alerts_of(rollout, ctx);
     if &next != status {
+        let transition = crate::rollout::Transition {
+            warning: true,
+            reason: "InvalidSpec",
+            message: why.clone(),
+        };
+        let key = format!(
+            "{}/{}",
+            rollout.namespace().unwrap_or_default(),
+            rollout.name_any()
+        );
+        outbox::enqueue(
+            &mut next,
+            &alerts,
+            &key,
+            &[transition],
+            jiff::Timestamp::now(),
+        );
         write_status(rollout, ctx, &next).await?;
         let event = Event {
             type_: EventType::Warning,
@@ -614,7 +632,17 @@ async fn invalid_spec(
             tracing::warn!(error = %err, "could not publish an Event");
         }
     }
-    Ok(Action::requeue(Duration::from_secs(300)))
+    // Notifications keep flowing while the spec is invalid.
+    if let Some(delivered) = deliver_outbox(rollout, ctx, &alerts, &next).await {
+        write_status(rollout, ctx, &delivered).await?;
+        next = delivered;
+    }
+    let retry =
+        outbox::next_due(&next, jiff::Timestamp::now()).map_or(Duration::from_secs(300), |due| {
+            due.max(Duration::from_millis(200))
+                .min(Duration::from_secs(300))
+        });
+    Ok(Action::requeue(retry))
 }
 
 /// A Rollout is being deleted: give the traffic back to the user's Deployment, then remove what Sluice made.
