@@ -19,6 +19,13 @@ use sluice_e2e::{Sandbox, SandboxConfig};
 
 const NS: &str = "default";
 
+/// A canary that fails half its requests.
+const ERRORING: WorkloadTraffic = WorkloadTraffic {
+    rps: 50.0,
+    error_ratio: 0.5,
+    latency_ms: 20.0,
+};
+
 /// Canary weights seen on the route object, in order, with when they were first seen.
 type WeightLog = Arc<Mutex<Vec<(Instant, u8)>>>;
 
@@ -378,15 +385,7 @@ async fn an_erroring_canary_is_rolled_back_within_one_interval() {
     let s = Scenario::start(Provider::Istio, canary_analysis(1), 30).await;
     s.release("podinfo:2", json!({})).await;
     s.wait_for_weight(20, Duration::from_secs(20)).await;
-    s.mesh.set(
-        "podinfo",
-        NS,
-        WorkloadTraffic {
-            rps: 50.0,
-            error_ratio: 0.5,
-            latency_ms: 20.0,
-        },
-    );
+    s.mesh.set("podinfo", NS, ERRORING);
     let injected = Instant::now();
     // When Prometheus first shows the canary failing the check...
     let query = r#"sum(rate(istio_requests_total{reporter="destination",destination_workload="podinfo",response_code!~"5.*"}[10s])) / sum(rate(istio_requests_total{reporter="destination",destination_workload="podinfo"}[10s])) * 100"#;
@@ -920,15 +919,7 @@ async fn a_rollback_alert_reaches_alertmanager_and_a_later_success_resolves_it()
     let hook = start_receiver(receiver.clone()).await;
     install_providers(&s, Some(&alertmanager.url()), hook).await;
 
-    s.mesh.set(
-        "podinfo",
-        NS,
-        WorkloadTraffic {
-            rps: 50.0,
-            error_ratio: 0.5,
-            latency_ms: 20.0,
-        },
-    );
+    s.mesh.set("podinfo", NS, ERRORING);
     s.release("podinfo:bad", json!({})).await;
     s.wait_for_phase(RolloutPhase::Failed, Duration::from_secs(30))
         .await;
@@ -1050,15 +1041,7 @@ async fn an_operator_restart_before_delivery_still_delivers_exactly_once() {
     }));
     let hook = start_receiver(receiver.clone()).await;
     install_providers(&s, None, hook).await;
-    s.mesh.set(
-        "podinfo",
-        NS,
-        WorkloadTraffic {
-            rps: 50.0,
-            error_ratio: 0.5,
-            latency_ms: 20.0,
-        },
-    );
+    s.mesh.set("podinfo", NS, ERRORING);
     s.release("podinfo:bad", json!({})).await;
     s.wait_for_phase(RolloutPhase::Failed, Duration::from_secs(30))
         .await;
