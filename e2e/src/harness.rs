@@ -224,6 +224,8 @@ pub fn sluice_binary() -> std::io::Result<PathBuf> {
 pub struct OperatorProcess {
     child: Child,
     log_path: PathBuf,
+    /// Base URL of its bundle server, e.g. `http://127.0.0.1:41234`.
+    pub bundle_url: String,
 }
 
 impl OperatorProcess {
@@ -236,11 +238,15 @@ impl OperatorProcess {
             .create(true)
             .append(true)
             .open(log_path)?;
+        let bundle_port = crate::prometheus::free_port().map_err(std::io::Error::other)?;
+        let bundle_addr = format!("127.0.0.1:{bundle_port}");
         let child = Command::new(sluice_binary()?)
             .args([
                 "operator",
                 "--metrics-addr",
                 "127.0.0.1:0",
+                "--bundle-addr",
+                &bundle_addr,
                 "--prometheus-url",
                 prometheus_url,
             ])
@@ -252,6 +258,7 @@ impl OperatorProcess {
         Ok(OperatorProcess {
             child,
             log_path: log_path.to_owned(),
+            bundle_url: format!("http://{bundle_addr}"),
         })
     }
 
@@ -270,4 +277,44 @@ impl Drop for OperatorProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A running sandbox with CRDs installed, a kube client and a kubeconfig file for it (in `dir`).
+pub struct Cluster {
+    pub sandbox: crate::Sandbox,
+    pub client: kube::Client,
+    pub dir: tempfile::TempDir,
+    pub kubeconfig: PathBuf,
+}
+
+/// Starts a sandbox on a free loopback port whose workloads become ready after `ready_delay`, and
+/// installs `crds` in it.
+pub async fn start_cluster(
+    ready_delay: Duration,
+    crds: Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>,
+) -> Result<Cluster, Box<dyn std::error::Error + Send + Sync>> {
+    let config = crate::SandboxConfig {
+        ready_delay,
+        ..crate::SandboxConfig::default()
+    };
+    let sandbox =
+        crate::Sandbox::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), config).await?;
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    sandbox.write_kubeconfig(&kubeconfig)?;
+    let parsed: kube::config::Kubeconfig = serde_saphyr::from_str(&sandbox.kubeconfig())?;
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(parsed, &Default::default()).await?,
+    )?;
+    let api: kube::Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        kube::Api::all(client.clone());
+    for crd in crds {
+        api.create(&Default::default(), &crd).await?;
+    }
+    Ok(Cluster {
+        sandbox,
+        client,
+        dir,
+        kubeconfig,
+    })
 }

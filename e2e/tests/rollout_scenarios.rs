@@ -13,9 +13,9 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use sluice::api::{Provider, Rollout, RolloutPhase};
 use sluice::traffic::{RouteTarget, router_for};
-use sluice_e2e::harness::OperatorProcess;
+use sluice_e2e::Sandbox;
+use sluice_e2e::harness::{Cluster, OperatorProcess, start_cluster};
 use sluice_e2e::prometheus::{FakeMesh, PrometheusServer, WorkloadTraffic};
-use sluice_e2e::{Sandbox, SandboxConfig};
 
 const NS: &str = "default";
 
@@ -95,50 +95,17 @@ fn route_target() -> RouteTarget {
 }
 
 /// A sandbox with the Sluice and mesh CRDs installed, and a client and kubeconfig for it.
-struct Cluster {
-    sandbox: Sandbox,
-    client: Client,
-    dir: tempfile::TempDir,
-    kubeconfig: std::path::PathBuf,
-}
-
 async fn cluster() -> Cluster {
-    let config = SandboxConfig {
-        ready_delay: Duration::from_millis(100),
-        ..SandboxConfig::default()
-    };
-    let sandbox = Sandbox::start(SocketAddr::from(([127, 0, 0, 1], 0)), config)
-        .await
-        .expect("sandbox");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let kubeconfig = dir.path().join("kubeconfig");
-    sandbox.write_kubeconfig(&kubeconfig).expect("kubeconfig");
-    let parsed: kube::config::Kubeconfig =
-        serde_saphyr::from_str(&sandbox.kubeconfig()).expect("kubeconfig parses");
-    let client = Client::try_from(
-        kube::Config::from_custom_kubeconfig(parsed, &Default::default())
-            .await
-            .expect("config"),
-    )
-    .expect("client");
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let fixture = std::fs::read_to_string(
         sluice_e2e::harness::repo_root().join("e2e/fixtures/mesh-crds.yaml"),
     )
     .expect("mesh CRD fixture");
     let mesh_crds: Vec<CustomResourceDefinition> =
         serde_saphyr::from_multiple(&fixture).expect("fixture parses");
-    for crd in sluice::api::crds().into_iter().chain(mesh_crds) {
-        crds.create(&PostParams::default(), &crd)
-            .await
-            .expect("CRD installs");
-    }
-    Cluster {
-        sandbox,
-        client,
-        dir,
-        kubeconfig,
-    }
+    let crds = sluice::api::crds().into_iter().chain(mesh_crds).collect();
+    start_cluster(Duration::from_millis(100), crds)
+        .await
+        .expect("sandbox with CRDs")
 }
 
 impl Scenario {

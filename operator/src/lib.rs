@@ -3,10 +3,12 @@
 //! The library holds everything the `sluice` binary runs; `main.rs` only parses arguments and dispatches.
 
 pub mod api;
+pub mod authz;
 pub mod cli;
 pub mod controller;
 pub mod metrics;
 pub mod notify;
+pub mod policy;
 pub mod rollout;
 pub mod telemetry;
 pub mod traffic;

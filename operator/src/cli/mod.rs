@@ -1,7 +1,10 @@
 //! Command-line parsing and output. Each subcommand calls into the library; nothing here holds logic.
 
+pub mod policy;
+
 use std::io::Write;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use thiserror::Error;
@@ -24,6 +27,11 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
     },
+    /// Test, evaluate and build Rego policies and OPA bundles.
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -41,6 +49,9 @@ pub struct OperatorArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub metrics_addr: std::net::SocketAddr,
+    /// Address of the OPA-compatible bundle server (`GET /bundles/<namespace>/<name>`).
+    #[arg(long, default_value = "0.0.0.0:8181")]
+    pub bundle_addr: std::net::SocketAddr,
     /// AlertProvider (`NAMESPACE/NAME`) for Rollouts that configure no alerts; they get warnings and errors.
     #[arg(long, value_name = "NAMESPACE/NAME")]
     pub default_alert_provider: Option<String>,
@@ -71,6 +82,14 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot listen on {addr} for bundles: {source}")]
+    BundleAddr {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Policy(#[from] policy::PolicyCliError),
     #[error("no usable Kubernetes configuration (set KUBECONFIG or run in a cluster): {0}")]
     Kubeconfig(#[source] kube::Error),
     #[error("invalid --default-alert-provider {0:?}: expected NAMESPACE/NAME")]
@@ -89,15 +108,27 @@ pub enum CliError {
     },
 }
 
-pub fn run(cli: Cli) -> Result<(), CliError> {
+impl CliError {
+    /// Exit status for this error: 2 for policy errors (1 means "tests failed" or "undefined" there).
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            CliError::Policy(_) => ExitCode::from(2),
+            _ => ExitCode::FAILURE,
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Operator(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .map_err(CliError::Runtime)?;
-            runtime.block_on(operator(args))
+            runtime.block_on(operator(args))?;
+            Ok(ExitCode::SUCCESS)
         }
+        Command::Policy { command } => Ok(policy::run(command)?),
         Command::Crd { out_dir: None } => {
             let yaml = crate::api::all_crds_yaml()?;
             let mut stdout = std::io::stdout().lock();
@@ -106,7 +137,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 .map_err(|source| CliError::Write {
                     path: "<stdout>".into(),
                     source,
-                })
+                })?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Crd { out_dir: Some(dir) } => {
             for crd in crate::api::crds() {
@@ -114,7 +146,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 std::fs::write(&path, crate::api::crd_yaml(&crd)?)
                     .map_err(|source| CliError::Write { path, source })?;
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -138,6 +170,12 @@ async fn operator(args: OperatorArgs) -> Result<(), CliError> {
         .await
         .map_err(|source| CliError::MetricsAddr {
             addr: args.metrics_addr,
+            source,
+        })?;
+    let bundle_listener = tokio::net::TcpListener::bind(args.bundle_addr)
+        .await
+        .map_err(|source| CliError::BundleAddr {
+            addr: args.bundle_addr,
             source,
         })?;
     let prometheus = crate::metrics::Prometheus::new(
@@ -175,10 +213,29 @@ async fn operator(args: OperatorArgs) -> Result<(), CliError> {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    tracing::info!(metrics_addr, prometheus = %args.prometheus_url, "sluice operator starting");
+    let bundle_addr = bundle_listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(metrics_addr, bundle_addr, prometheus = %args.prometheus_url, "sluice operator starting");
     let server = tokio::spawn(crate::telemetry::serve(listener, telemetry.clone()));
-    crate::controller::run(client, prometheus, telemetry, deliverer, default_alert).await;
+    let bundles = crate::policy::server::BundleStore::default();
+    let bundle_server = tokio::spawn(crate::policy::server::serve(
+        bundle_listener,
+        bundles.clone(),
+    ));
+    futures::join!(
+        crate::controller::run(
+            client.clone(),
+            prometheus,
+            telemetry.clone(),
+            deliverer,
+            default_alert
+        ),
+        crate::controller::authz::run(client, bundles, telemetry),
+    );
     server.abort();
+    bundle_server.abort();
     tracing::info!("sluice operator stopped");
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! metric checks the planner asks for, and converges workloads, Services and the route to the plan — writing
 //! only what differs, with one field manager.
 
+pub mod authz;
 pub mod outbox;
 pub mod workload;
 
