@@ -2,9 +2,9 @@
 //! and handed to a writer task through a bounded queue so logging can never slow the request path.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -100,12 +100,13 @@ pub struct DecisionLog {
     limiter: RateLimiter,
     masked: Vec<String>,
     queue: mpsc::Sender<DecisionRecord>,
-    dropped: AtomicU64,
+    dropped: Counter,
 }
 
 impl DecisionLog {
-    /// A log that writes lines to `sink` from its own task, at most `per_second` lines per second.
-    pub fn spawn<W>(per_second: u32, masked: Vec<String>, mut sink: W) -> Self
+    /// A log that writes lines to `sink` from its own task, at most `per_second` lines per second;
+    /// decisions left out are counted in `dropped`.
+    pub fn spawn<W>(per_second: u32, masked: Vec<String>, mut sink: W, dropped: Counter) -> Self
     where
         W: std::io::Write + Send + 'static,
     {
@@ -122,7 +123,7 @@ impl DecisionLog {
             limiter: RateLimiter::new(per_second),
             masked: masked.into_iter().map(|m| m.to_ascii_lowercase()).collect(),
             queue,
-            dropped: AtomicU64::new(0),
+            dropped,
         }
     }
 
@@ -130,7 +131,7 @@ impl DecisionLog {
     pub fn sample(&self) -> bool {
         let sampled = self.limiter.allow_at(Instant::now());
         if !sampled {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped.inc();
         }
         sampled
     }
@@ -139,13 +140,13 @@ impl DecisionLog {
     pub fn record(&self, mut record: DecisionRecord) {
         mask_headers(&mut record.input, &self.masked);
         if self.queue.try_send(record).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped.inc();
         }
     }
 
     /// Decisions not logged because of the rate limit or a full queue.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.dropped.get()
     }
 }
 
@@ -222,7 +223,7 @@ mod tests {
             }
         }
         let sink = Shared::default();
-        let log = DecisionLog::spawn(2, vec!["authorization".into()], sink.clone());
+        let log = DecisionLog::spawn(2, vec!["authorization".into()], sink.clone(), Counter::default());
         for i in 0..5 {
             if log.sample() {
                 log.record(DecisionRecord {

@@ -438,10 +438,12 @@ pub fn check_response_for_result(
     Decision::from_result(result).map(|d| check_response(&d, opts))
 }
 
-/// A `CheckResponse` for a decision error when answering with a gRPC error is not wanted
-/// (not OPA-Envoy behaviour): `fail_open` → `OK`, else `PERMISSION_DENIED` with the error
-/// message and no `http_response` (Envoy then replies 403).
-pub fn error_check_response(err: &DecisionError, fail_open: bool) -> CheckResponse {
+/// The `CheckResponse` when the policy cannot decide (undefined, malformed result, evaluation
+/// error). OPA-Envoy answers with a gRPC error and leaves the outcome to Envoy's
+/// `failure_mode_allow`; Sluice decides itself so the policy's `failOpen` holds whatever Envoy's
+/// setting: `fail_open` → `OK`, else `PERMISSION_DENIED` with the message and no `http_response`
+/// (Envoy then replies 403).
+pub fn error_check_response(message: &str, fail_open: bool) -> CheckResponse {
     CheckResponse {
         status: Some(Status {
             code: if fail_open {
@@ -449,7 +451,7 @@ pub fn error_check_response(err: &DecisionError, fail_open: bool) -> CheckRespon
             } else {
                 GRPC_PERMISSION_DENIED
             },
-            message: err.to_string(),
+            message: message.to_owned(),
             ..Default::default()
         }),
         ..Default::default()
@@ -548,13 +550,17 @@ pub fn http_verdict(decision: &Decision, opts: &ResponseOptions<'_>) -> HttpVerd
     }
 }
 
-/// HTTP-service counterpart of OPA-Envoy's gRPC error: `500` (Envoy applies
-/// `failure_mode_allow` / `status_on_error`) with the message as body.
-pub fn http_error_verdict(err: &DecisionError) -> HttpVerdict {
+/// HTTP-service counterpart of [`error_check_response`]: `200` when failing open, else `403`
+/// with the message as body.
+pub fn http_error_verdict(message: &str, fail_open: bool) -> HttpVerdict {
     HttpVerdict {
-        allowed: false,
-        status: 500,
-        body: err.to_string(),
+        allowed: fail_open,
+        status: if fail_open { 200 } else { DEFAULT_DENY_STATUS },
+        body: if fail_open {
+            String::new()
+        } else {
+            message.to_owned()
+        },
         ..Default::default()
     }
 }
@@ -837,11 +843,11 @@ mod tests {
             check_response_for_result(None, &NO_OPTS),
             Err(DecisionError::Undefined)
         );
-        let r = error_check_response(&DecisionError::Undefined, false);
+        let r = error_check_response("undefined decision", false);
         assert_eq!(code(&r), GRPC_PERMISSION_DENIED);
         assert_eq!(r.status.unwrap().message, "undefined decision");
         assert_eq!(
-            code(&error_check_response(&DecisionError::Undefined, true)),
+            code(&error_check_response("undefined decision", true)),
             GRPC_OK
         );
 
@@ -855,9 +861,12 @@ mod tests {
         );
         let h = http_input_error_verdict(&InputError::SemicolonInQuery);
         assert_eq!((h.status, h.body.as_str()), (400, d.body.as_str()));
-        let h = http_error_verdict(&DecisionError::MissingAllowed);
-        assert_eq!(h.status, 500);
+        let h = http_error_verdict("undefined decision", false);
+        assert_eq!((h.status, h.body.as_str()), (403, "undefined decision"));
         assert!(!h.allowed);
+        let h = http_error_verdict("undefined decision", true);
+        assert_eq!(h.status, 200);
+        assert!(h.allowed);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Command-line parsing and output. Each subcommand calls into the library; nothing here holds logic.
 
+pub mod authz;
 pub mod policy;
 
 use std::io::Write;
@@ -27,6 +28,8 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
     },
+    /// Serve Envoy ext_authz decisions (gRPC, and optionally HTTP) from a policy bundle.
+    Authz(Box<authz::AuthzArgs>),
     /// Test, evaluate and build Rego policies and OPA bundles.
     Policy {
         #[command(subcommand)]
@@ -90,6 +93,8 @@ pub enum CliError {
     },
     #[error("{0}")]
     Policy(#[from] policy::PolicyCliError),
+    #[error("{0}")]
+    Authz(#[from] authz::AuthzError),
     #[error("no usable Kubernetes configuration (set KUBECONFIG or run in a cluster): {0}")]
     Kubeconfig(#[source] kube::Error),
     #[error("invalid --default-alert-provider {0:?}: expected NAMESPACE/NAME")]
@@ -129,6 +134,10 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy { command } => Ok(policy::run(command)?),
+        Command::Authz(args) => {
+            authz::run(*args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Crd { out_dir: None } => {
             let yaml = crate::api::all_crds_yaml()?;
             let mut stdout = std::io::stdout().lock();
@@ -151,7 +160,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     }
 }
 
-fn init_logging(format: LogFormat) {
+pub(crate) fn init_logging(format: LogFormat) {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt()

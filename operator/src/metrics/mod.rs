@@ -12,7 +12,7 @@ mod query;
 mod verdict;
 
 pub use builtin::{MetricQueries, builtin};
-pub use prometheus::{Prometheus, ProviderError};
+pub use prometheus::{Prometheus, ProviderError, install_crypto_provider};
 pub use query::{QueryContext, QueryError, promql_duration, render};
 pub use verdict::judge;
 

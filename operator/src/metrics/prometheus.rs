@@ -275,7 +275,7 @@ impl Prometheus {
 
 /// rustls needs one process-wide crypto provider; Sluice uses ring, like its Kubernetes client, because aws-lc
 /// needs a C/CMake toolchain to build. A provider someone installed earlier is kept.
-fn install_crypto_provider() {
+pub fn install_crypto_provider() {
     if rustls::crypto::CryptoProvider::get_default().is_none() {
         // Losing a race to another thread installing one is fine: a provider is installed either way.
         let _ = rustls::crypto::ring::default_provider().install_default();

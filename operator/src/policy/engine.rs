@@ -373,8 +373,10 @@ impl PolicyEngine {
     }
 
     fn flush_prints(&mut self) {
+        // Always drain: a long-running server must not accumulate print() output.
+        let lines = self.take_prints();
         if tracing::enabled!(tracing::Level::DEBUG) {
-            for line in self.take_prints() {
+            for line in lines {
                 tracing::debug!(target: "sluice::policy::print", "{line}");
             }
         }
