@@ -223,7 +223,12 @@ mod tests {
             }
         }
         let sink = Shared::default();
-        let log = DecisionLog::spawn(2, vec!["authorization".into()], sink.clone(), Counter::default());
+        let log = DecisionLog::spawn(
+            2,
+            vec!["authorization".into()],
+            sink.clone(),
+            Counter::default(),
+        );
         for i in 0..5 {
             if log.sample() {
                 log.record(DecisionRecord {

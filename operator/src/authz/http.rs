@@ -89,7 +89,9 @@ async fn check(
     };
     let request = check_request_from_http(
         &parts,
-        headers.iter().map(|(name, value)| (name.as_str(), value.as_bytes())),
+        headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_bytes())),
     );
     let verdict = state
         .authorizer
@@ -109,7 +111,10 @@ fn into_response(verdict: HttpVerdict) -> Response {
             (Ok(name), Ok(value)) => {
                 headers.append(name, value);
             }
-            _ => tracing::debug!(name, "policy returned a header that is not valid HTTP; dropped"),
+            _ => tracing::debug!(
+                name,
+                "policy returned a header that is not valid HTTP; dropped"
+            ),
         }
     }
     response
@@ -126,8 +131,16 @@ pub fn admin_router(authorizer: Arc<Authorizer>) -> Router {
 
 async fn readyz(State(authorizer): State<Arc<Authorizer>>) -> Response {
     match authorizer.active() {
-        Some(active) => (StatusCode::OK, format!("ok: revision {}\n", active.revision)).into_response(),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "no policy bundle is active yet\n").into_response(),
+        Some(active) => (
+            StatusCode::OK,
+            format!("ok: revision {}\n", active.revision),
+        )
+            .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no policy bundle is active yet\n",
+        )
+            .into_response(),
     }
 }
 
@@ -148,7 +161,10 @@ mod tests {
 
     #[test]
     fn the_path_prefix_is_removed_only_on_a_segment_boundary() {
-        assert_eq!(original_path("/authz/api/items?x=1", "/authz"), "/api/items?x=1");
+        assert_eq!(
+            original_path("/authz/api/items?x=1", "/authz"),
+            "/api/items?x=1"
+        );
         assert_eq!(original_path("/authz?x=1", "/authz"), "/?x=1");
         assert_eq!(original_path("/authz", "/authz"), "/");
         assert_eq!(original_path("/authzed/api", "/authz"), "/authzed/api");

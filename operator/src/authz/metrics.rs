@@ -133,10 +133,22 @@ mod tests {
         m.decided("deny", Duration::from_micros(40));
         m.decided("allow", Duration::from_micros(40));
         let text = m.encode();
-        assert!(text.contains(r#"sluice_authz_bundle_info{revision="r2"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"sluice_authz_bundle_info{revision="r2"} 1"#),
+            "{text}"
+        );
         assert!(!text.contains(r#"revision="r1""#), "{text}");
-        assert!(text.contains(r#"sluice_authz_decisions_total{result="allow"} 2"#), "{text}");
-        assert!(text.contains("sluice_authz_decision_duration_seconds_count 3"), "{text}");
-        assert!(text.contains("sluice_authz_bundle_activation_timestamp_seconds 20"), "{text}");
+        assert!(
+            text.contains(r#"sluice_authz_decisions_total{result="allow"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("sluice_authz_decision_duration_seconds_count 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sluice_authz_bundle_activation_timestamp_seconds 20"),
+            "{text}"
+        );
     }
 }

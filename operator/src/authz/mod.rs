@@ -101,12 +101,13 @@ impl Active {
     ) -> Result<Active, ActivationError> {
         let revision = bundle.manifest.revision.clone();
         let settings = overrides.settings_for(bundle);
-        let engine = PolicyEngine::compile(&bundle.modules, &bundle.data, limits).map_err(
-            |source| ActivationError::Compile {
-                revision: revision.clone(),
-                source,
-            },
-        )?;
+        let engine =
+            PolicyEngine::compile(&bundle.modules, &bundle.data, limits).map_err(|source| {
+                ActivationError::Compile {
+                    revision: revision.clone(),
+                    source,
+                }
+            })?;
         let defined = engine.rules().iter().any(|rule| {
             settings.query == format!("data.{}.{}", rule.package, rule.name)
                 || settings
@@ -199,12 +200,16 @@ impl Authorizer {
 
     /// The bundle serving decisions now.
     pub fn active(&self) -> Option<Arc<Active>> {
-        self.active.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.active
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Swaps in a new bundle atomically; requests in flight finish on the one they started with.
     pub fn activate(&self, active: Active) {
-        self.metrics.activated(&active.revision, active.activated_at);
+        self.metrics
+            .activated(&active.revision, active.activated_at);
         tracing::info!(revision = %active.revision, query = %active.settings.query, dry_run = active.settings.dry_run, "bundle activated");
         *self.active.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(active));
     }

@@ -53,7 +53,12 @@ impl Loader {
             Err(error) => {
                 self.authorizer.metrics.bundle_errors.inc();
                 let serving = self.authorizer.active().map(|a| a.revision.clone());
-                tracing::warn!(origin, error, ?serving, "bundle not activated; the active one keeps serving");
+                tracing::warn!(
+                    origin,
+                    error,
+                    ?serving,
+                    "bundle not activated; the active one keeps serving"
+                );
                 false
             }
         }
@@ -67,7 +72,8 @@ impl Loader {
             let path = path.clone();
             let previous = last.clone();
             // Reading and compiling are blocking work.
-            let seen = tokio::task::spawn_blocking(move || loader.reload_path(&path, previous)).await;
+            let seen =
+                tokio::task::spawn_blocking(move || loader.reload_path(&path, previous)).await;
             if let Ok(Some(fingerprint)) = seen {
                 last = Some(fingerprint);
             }
@@ -135,7 +141,10 @@ impl Loader {
                 request = request.header("if-none-match", etag);
             }
             let outcome = match request.send().await {
-                Err(err) => Err(format!("cannot reach the bundle server: {}", error_chain(&err))),
+                Err(err) => Err(format!(
+                    "cannot reach the bundle server: {}",
+                    error_chain(&err)
+                )),
                 Ok(response) if response.status() == reqwest::StatusCode::NOT_MODIFIED => Ok(None),
                 Ok(response) if response.status().is_success() => {
                     let new_etag = response
@@ -178,7 +187,13 @@ impl Loader {
                     let delay = retry_delay(failures);
                     failures = failures.saturating_add(1);
                     let serving = self.authorizer.active().map(|a| a.revision.clone());
-                    tracing::warn!(url, error, ?serving, retry_secs = delay.as_secs(), "bundle download failed; the active bundle keeps serving");
+                    tracing::warn!(
+                        url,
+                        error,
+                        ?serving,
+                        retry_secs = delay.as_secs(),
+                        "bundle download failed; the active bundle keeps serving"
+                    );
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -205,7 +220,9 @@ mod tests {
     fn urls_and_paths_are_told_apart() {
         assert_eq!(
             "http://sluice.sluice-system:8181/bundles/shop/authz".parse::<BundleSource>(),
-            Ok(BundleSource::Url("http://sluice.sluice-system:8181/bundles/shop/authz".into()))
+            Ok(BundleSource::Url(
+                "http://sluice.sluice-system:8181/bundles/shop/authz".into()
+            ))
         );
         assert_eq!(
             "/bundle/bundle.tar.gz".parse::<BundleSource>(),

@@ -116,7 +116,10 @@ pub fn run(args: AuthzArgs) -> Result<(), AuthzError> {
     runtime.block_on(serve(args))
 }
 
-async fn listen(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, AuthzError> {
+async fn listen(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<tokio::net::TcpListener, AuthzError> {
     tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| AuthzError::Listen { what, addr, source })
@@ -176,11 +179,12 @@ async fn serve(args: AuthzArgs) -> Result<(), AuthzError> {
         BundleSource::Path(path) => tokio::spawn(
             loader.watch_path(path, Duration::from_secs(args.poll_interval_secs.max(1))),
         ),
-        BundleSource::Url(url) => tokio::spawn(
-            loader.poll_url(url, Duration::from_secs(args.long_poll_secs.max(1))),
-        ),
+        BundleSource::Url(url) => {
+            tokio::spawn(loader.poll_url(url, Duration::from_secs(args.long_poll_secs.max(1))))
+        }
     };
-    let addr = |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let addr =
+        |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(
         grpc_addr = addr(&grpc_listener),
         http_addr = http_listener.as_ref().map(addr),
