@@ -287,6 +287,15 @@ pub struct Cluster {
     pub kubeconfig: PathBuf,
 }
 
+/// The stand-in mesh CRDs of `e2e/fixtures/mesh-crds.yaml` (Istio, Gateway API).
+pub fn mesh_crds() -> Result<
+    Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>,
+    Box<dyn std::error::Error + Send + Sync>,
+>{
+    let fixture = std::fs::read_to_string(repo_root().join("e2e/fixtures/mesh-crds.yaml"))?;
+    Ok(serde_saphyr::from_multiple(&fixture)?)
+}
+
 /// Starts a sandbox on a free loopback port whose workloads become ready after `ready_delay`, and
 /// installs `crds` in it.
 pub async fn start_cluster(

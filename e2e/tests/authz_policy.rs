@@ -10,7 +10,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use sluice::api::AuthorizationPolicy;
 use sluice_e2e::Sandbox;
-use sluice_e2e::harness::{Cluster, OperatorProcess, sluice_binary, start_cluster};
+use sluice_e2e::harness::{Cluster, OperatorProcess, mesh_crds, sluice_binary, start_cluster};
 
 const NS: &str = "default";
 
@@ -42,6 +42,7 @@ fn policy(module: &str) -> Value {
         "metadata": {"name": "shop-authz", "namespace": NS},
         "spec": {
             "selector": {"matchLabels": {"app": "shop"}},
+            "istio": {"provider": "sluice-authz"},
             "modules": [
                 {"name": "authz.rego", "rego": module},
                 {"name": "authz_test.rego", "configMapRef": {"name": "shop-rego-tests", "key": "authz_test.rego"}},
@@ -64,9 +65,15 @@ async fn start() -> Env {
         client,
         dir,
         kubeconfig,
-    } = start_cluster(Duration::from_millis(100), sluice::api::crds())
-        .await
-        .expect("sandbox with CRDs");
+    } = start_cluster(
+        Duration::from_millis(100),
+        sluice::api::crds()
+            .into_iter()
+            .chain(mesh_crds().expect("mesh CRDs"))
+            .collect(),
+    )
+    .await
+    .expect("sandbox with CRDs");
     let operator = OperatorProcess::start(
         &kubeconfig,
         "http://127.0.0.1:9",
@@ -232,6 +239,37 @@ async fn policy_is_compiled_tested_served_long_polled_and_kept_when_broken() {
             .contains("2 tests passed"),
         "{:?}",
         condition(&first, "TestsPassed")
+    );
+
+    // The selected workloads' requests are sent to the ext_authz provider through Istio.
+    let istio = Api::<kube::api::DynamicObject>::namespaced_with(
+        env.client.clone(),
+        NS,
+        &kube::api::ApiResource {
+            group: "security.istio.io".into(),
+            version: "v1".into(),
+            api_version: "security.istio.io/v1".into(),
+            kind: "AuthorizationPolicy".into(),
+            plural: "authorizationpolicies".into(),
+        },
+    );
+    let wired = istio
+        .get("shop-authz-ext-authz")
+        .await
+        .expect("Istio AuthorizationPolicy");
+    assert_eq!(
+        wired.data["spec"],
+        json!({
+            "action": "CUSTOM",
+            "provider": {"name": "sluice-authz"},
+            "rules": [{}],
+            "selector": {"matchLabels": {"app": "shop"}},
+        })
+    );
+    assert!(
+        is_true(&first, "MeshConfigured"),
+        "{:?}",
+        condition(&first, "MeshConfigured")
     );
 
     // 2. The bundle is served with its revision as ETag, and a real evaluation of it behaves.

@@ -7,14 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use sluice::api::{Provider, Rollout, RolloutPhase};
 use sluice::traffic::{RouteTarget, router_for};
 use sluice_e2e::Sandbox;
-use sluice_e2e::harness::{Cluster, OperatorProcess, start_cluster};
+use sluice_e2e::harness::{Cluster, OperatorProcess, mesh_crds, start_cluster};
 use sluice_e2e::prometheus::{FakeMesh, PrometheusServer, WorkloadTraffic};
 
 const NS: &str = "default";
@@ -96,13 +95,8 @@ fn route_target() -> RouteTarget {
 
 /// A sandbox with the Sluice and mesh CRDs installed, and a client and kubeconfig for it.
 async fn cluster() -> Cluster {
-    let fixture = std::fs::read_to_string(
-        sluice_e2e::harness::repo_root().join("e2e/fixtures/mesh-crds.yaml"),
-    )
-    .expect("mesh CRD fixture");
-    let mesh_crds: Vec<CustomResourceDefinition> =
-        serde_saphyr::from_multiple(&fixture).expect("fixture parses");
-    let crds = sluice::api::crds().into_iter().chain(mesh_crds).collect();
+    let mesh = mesh_crds().expect("mesh CRD fixture");
+    let crds = sluice::api::crds().into_iter().chain(mesh).collect();
     start_cluster(Duration::from_millis(100), crds)
         .await
         .expect("sandbox with CRDs")

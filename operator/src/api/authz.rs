@@ -61,6 +61,23 @@ pub struct AuthorizationPolicySpec {
     /// Allow requests when the policy cannot be evaluated (default: deny, fail closed).
     #[serde(default)]
     pub fail_open: bool,
+    /// Have Sluice create the Istio AuthorizationPolicy (`action: CUSTOM`) that sends the selected
+    /// workloads' requests to `sluice authz` through a mesh extension provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub istio: Option<IstioWiring>,
+}
+
+/// How the selected workloads' requests reach `sluice authz` on Istio (and Azure Service Mesh).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IstioWiring {
+    /// Name of the `meshConfig.extensionProviders` entry that points at the `sluice authz` sidecar.
+    #[schemars(length(min = 1, max = 253))]
+    pub provider: String,
+    /// Only requests to these paths are checked (Istio `to.operation.paths`, `*` wildcards allowed);
+    /// empty checks every request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
 }
 
 fn default_query() -> String {

@@ -13,7 +13,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher::{self, watcher};
@@ -21,7 +21,9 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use thiserror::Error;
 
-use crate::api::{AuthorizationPolicy, AuthorizationPolicyStatus, FIELD_MANAGER, PolicyMode};
+use crate::api::{
+    AuthorizationPolicy, AuthorizationPolicyStatus, FIELD_MANAGER, IstioWiring, PolicyMode,
+};
 use crate::policy::Module;
 use crate::policy::bundle::Bundle;
 use crate::policy::engine::Limits;
@@ -372,7 +374,19 @@ pub struct Observation<'a> {
     pub configmap: &'a str,
     pub bundle_path: &'a str,
     pub matched_workloads: u32,
+    /// Istio wiring: `None` when `spec.istio` is unset, else what applying it gave.
+    pub mesh: Option<MeshWiring>,
     pub now: Timestamp,
+}
+
+/// The outcome of wiring the policy into the mesh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MeshWiring {
+    Applied(String),
+    Failed {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 /// The status for an observation; conditions keep their transition times when their status holds.
@@ -465,6 +479,21 @@ pub fn desired_status(
             let message = format!("no revision to serve: {}", r.message());
             set(conditions, "Ready", "False", "NoRevision", &message);
         }
+    }
+    match &seen.mesh {
+        Some(MeshWiring::Applied(message)) => {
+            set(
+                conditions,
+                "MeshConfigured",
+                "True",
+                "IstioPolicyApplied",
+                message,
+            );
+        }
+        Some(MeshWiring::Failed { reason, message }) => {
+            set(conditions, "MeshConfigured", "False", reason, message);
+        }
+        None => conditions.retain(|c| c.type_ != "MeshConfigured"),
     }
     status.observed_generation = Some(generation);
     status.revision = seen.served.map(str::to_owned);
@@ -570,6 +599,7 @@ async fn reconcile(policy: Arc<AuthorizationPolicy>, ctx: Arc<Context>) -> Resul
         .map(|b| b.revision.clone());
 
     let matched_workloads = matched_workloads(client, &namespace, &policy.spec.selector).await?;
+    let mesh = wire_istio(client, &policy, &namespace).await?;
     let bundle_path = format!("/bundles/{namespace}/{name}");
     let now = Timestamp::now();
     let observation = Observation {
@@ -580,6 +610,7 @@ async fn reconcile(policy: Arc<AuthorizationPolicy>, ctx: Arc<Context>) -> Resul
         configmap: &configmap_name,
         bundle_path: &bundle_path,
         matched_workloads,
+        mesh,
         now: Timestamp::from_second(now.as_second()).unwrap_or(now),
     };
     let status = desired_status(policy.status.as_ref(), &observation);
@@ -604,19 +635,153 @@ async fn reconcile(policy: Arc<AuthorizationPolicy>, ctx: Arc<Context>) -> Resul
     Ok(Action::requeue(RESYNC))
 }
 
-fn bundle_configmap(
+/// Name of the Istio AuthorizationPolicy Sluice creates for a policy with `spec.istio`.
+pub fn istio_policy_name(policy: &str) -> String {
+    format!("{policy}-ext-authz")
+}
+
+fn istio_api(client: &Client, namespace: &str) -> Api<DynamicObject> {
+    let resource = ApiResource {
+        group: "security.istio.io".into(),
+        version: "v1".into(),
+        api_version: "security.istio.io/v1".into(),
+        kind: "AuthorizationPolicy".into(),
+        plural: "authorizationpolicies".into(),
+    };
+    Api::namespaced_with(client.clone(), namespace, &resource)
+}
+
+/// The Istio AuthorizationPolicy (`action: CUSTOM`) that sends the selected workloads' requests to the
+/// extension provider, or why the selector cannot be expressed in Istio.
+pub fn istio_policy_spec(
+    selector: &LabelSelector,
+    wiring: &IstioWiring,
+) -> Result<serde_json::Value, String> {
+    if selector
+        .match_expressions
+        .as_ref()
+        .is_some_and(|e| !e.is_empty())
+    {
+        return Err(
+            "Istio selects workloads by labels only: replace spec.selector.matchExpressions with matchLabels"
+                .into(),
+        );
+    }
+    let rule = if wiring.paths.is_empty() {
+        json!({})
+    } else {
+        json!({"to": [{"operation": {"paths": wiring.paths}}]})
+    };
+    let mut spec = json!({
+        "action": "CUSTOM",
+        "provider": {"name": wiring.provider},
+        "rules": [rule],
+    });
+    // No selector: Istio applies the policy to every workload in the namespace, as ours selects all.
+    if let Some(labels) = selector.match_labels.as_ref().filter(|l| !l.is_empty()) {
+        spec["selector"] = json!({"matchLabels": labels});
+    }
+    Ok(spec)
+}
+
+/// Creates, updates or removes the Istio AuthorizationPolicy; writes only when it differs.
+async fn wire_istio(
+    client: &Client,
     policy: &AuthorizationPolicy,
-    name: &str,
-    accepted: &Accepted,
-) -> serde_json::Value {
-    let owner = OwnerReference {
+    namespace: &str,
+) -> Result<Option<MeshWiring>, Error> {
+    let name = istio_policy_name(&policy.name_any());
+    let api = istio_api(client, namespace);
+    let Some(wiring) = &policy.spec.istio else {
+        // Only a policy that once had wiring can own an Istio object: don't probe Istio otherwise.
+        let had_wiring = policy
+            .status
+            .as_ref()
+            .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "MeshConfigured"));
+        if had_wiring {
+            match api.delete(&name, &Default::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+        return Ok(None);
+    };
+    let spec = match istio_policy_spec(&policy.spec.selector, wiring) {
+        Ok(spec) => spec,
+        Err(message) => {
+            return Ok(Some(MeshWiring::Failed {
+                reason: "SelectorNotSupported",
+                message,
+            }));
+        }
+    };
+    let applied = format!(
+        "Istio AuthorizationPolicy {name} sends requests to extension provider {:?}",
+        wiring.provider
+    );
+    let existing = match api.get_opt(&name).await {
+        Ok(existing) => existing,
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            return Ok(Some(MeshWiring::Failed {
+                reason: "IstioNotInstalled",
+                message: "the security.istio.io/v1 AuthorizationPolicy API is not served: install Istio (or Azure Service Mesh), or remove spec.istio".into(),
+            }));
+        }
+        Err(err) => return Err(err.into()),
+    };
+    if existing.as_ref().and_then(|o| o.data.get("spec")) == Some(&spec) {
+        return Ok(Some(MeshWiring::Applied(applied)));
+    }
+    let owner = owner_reference(policy);
+    let object = json!({
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {
+                "app.kubernetes.io/managed-by": "sluice",
+                POLICY_LABEL: policy.name_any(),
+            },
+            "ownerReferences": [owner],
+        },
+        "spec": spec,
+    });
+    match api
+        .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(object))
+        .await
+    {
+        Ok(_) => Ok(Some(MeshWiring::Applied(applied))),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(Some(MeshWiring::Failed {
+            reason: "IstioNotInstalled",
+            message: "the security.istio.io/v1 AuthorizationPolicy API is not served: install Istio (or Azure Service Mesh), or remove spec.istio".into(),
+        })),
+        Err(kube::Error::Api(e)) => Ok(Some(MeshWiring::Failed {
+            reason: "IstioPolicyRejected",
+            message: format!("the API server refused Istio AuthorizationPolicy {name}: {}", e.message),
+        })),
+        Err(err) => Err(err.into()),
+    }
+}
+
+fn owner_reference(policy: &AuthorizationPolicy) -> OwnerReference {
+    OwnerReference {
         api_version: "sluice.dev/v1alpha1".into(),
         kind: "AuthorizationPolicy".into(),
         name: policy.name_any(),
         uid: policy.meta().uid.clone().unwrap_or_default(),
         controller: Some(true),
         block_owner_deletion: Some(true),
-    };
+    }
+}
+
+fn bundle_configmap(
+    policy: &AuthorizationPolicy,
+    name: &str,
+    accepted: &Accepted,
+) -> serde_json::Value {
+    let owner = owner_reference(policy);
     let bytes: BTreeMap<String, ByteString> =
         BTreeMap::from([(BUNDLE_KEY.to_owned(), ByteString(accepted.bytes.to_vec()))]);
     json!({
@@ -747,6 +912,7 @@ mod tests {
             configmap: "authz-bundle",
             bundle_path: "/bundles/shop/authz",
             matched_workloads: 2,
+            mesh: None,
             now: Timestamp::from_second(1_700_000_000).unwrap(),
         }
     }
@@ -857,6 +1023,75 @@ mod tests {
             ("False", "ConfigMapWriteFailed")
         );
         assert_eq!(condition(&status, "Ready"), ("False", "DistributionFailed"));
+    }
+
+    #[test]
+    fn istio_wiring_selects_by_labels_and_reports_what_it_cannot_express() {
+        let wiring = IstioWiring {
+            provider: "sluice-authz".into(),
+            paths: vec![],
+        };
+        let selector = LabelSelector {
+            match_labels: Some(labels(&[("app", "shop")])),
+            ..Default::default()
+        };
+        assert_eq!(
+            istio_policy_spec(&selector, &wiring).unwrap(),
+            json!({
+                "action": "CUSTOM",
+                "provider": {"name": "sluice-authz"},
+                "rules": [{}],
+                "selector": {"matchLabels": {"app": "shop"}},
+            })
+        );
+        let narrowed = IstioWiring {
+            paths: vec!["/api/*".into()],
+            ..wiring.clone()
+        };
+        let spec = istio_policy_spec(&LabelSelector::default(), &narrowed).unwrap();
+        assert_eq!(
+            spec["rules"],
+            json!([{"to": [{"operation": {"paths": ["/api/*"]}}]}])
+        );
+        assert!(
+            spec.get("selector").is_none(),
+            "an empty selector covers the namespace"
+        );
+        let expressions = LabelSelector {
+            match_expressions: Some(vec![expr("tier", "In", &["web"])]),
+            ..Default::default()
+        };
+        let err = istio_policy_spec(&expressions, &wiring).unwrap_err();
+        assert!(err.contains("matchExpressions"), "{err}");
+    }
+
+    #[test]
+    fn mesh_condition_follows_the_wiring() {
+        let outcome = accepted("r1");
+        let mut seen = observation(&outcome, Some("r1"));
+        seen.mesh = Some(MeshWiring::Failed {
+            reason: "IstioNotInstalled",
+            message: "not served".into(),
+        });
+        let status = desired_status(None, &seen);
+        assert_eq!(
+            condition(&status, "MeshConfigured"),
+            ("False", "IstioNotInstalled")
+        );
+        seen.mesh = Some(MeshWiring::Applied("applied".into()));
+        let status = desired_status(Some(&status), &seen);
+        assert_eq!(
+            condition(&status, "MeshConfigured"),
+            ("True", "IstioPolicyApplied")
+        );
+        seen.mesh = None;
+        let status = desired_status(Some(&status), &seen);
+        assert!(
+            status
+                .conditions
+                .iter()
+                .all(|c| c.type_ != "MeshConfigured")
+        );
     }
 
     const GOOD: &str =
