@@ -54,8 +54,9 @@ fn policy(module: &str) -> Value {
 struct Env {
     client: Client,
     operator: OperatorProcess,
+    kubeconfig: std::path::PathBuf,
     http: reqwest::Client,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     _sandbox: Sandbox,
 }
 
@@ -84,8 +85,9 @@ async fn start() -> Env {
     Env {
         client,
         operator,
+        kubeconfig,
         http: reqwest::Client::new(),
-        _dir: dir,
+        dir,
         _sandbox: sandbox,
     }
 }
@@ -177,7 +179,7 @@ fn eval_bundle(bundle: &[u8], method: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_is_compiled_tested_served_long_polled_and_kept_when_broken() {
-    let env = start().await;
+    let mut env = start().await;
     let configmaps: Api<ConfigMap> = Api::namespaced(env.client.clone(), NS);
     configmaps
         .create(
@@ -433,7 +435,36 @@ async fn policy_is_compiled_tested_served_long_polled_and_kept_when_broken() {
         Some(revision_2.as_str())
     );
 
-    // 6. Deleting the policy stops serving its bundle.
+    // 6. A restarted operator serves the last good revision from the ConfigMap, though the spec is broken.
+    env.operator.kill();
+    env.operator = OperatorProcess::start(
+        &env.kubeconfig,
+        "http://127.0.0.1:9",
+        &env.dir.path().join("operator-2.log"),
+    )
+    .expect("operator restarts");
+    let started = Instant::now();
+    let served = loop {
+        if let Ok(response) = env.http.get(env.bundle_url()).send().await
+            && response.status() == 200
+        {
+            break response;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the restarted operator never served a bundle:\n{}",
+            env.operator.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(served.headers()["etag"].to_str().unwrap(), etag_2);
+    let after_restart = env.policy().await;
+    assert_eq!(
+        after_restart.status.unwrap().revision.as_deref(),
+        Some(revision_2.as_str())
+    );
+
+    // 7. Deleting the policy stops serving its bundle.
     Api::<AuthorizationPolicy>::namespaced(env.client.clone(), NS)
         .delete("shop-authz", &Default::default())
         .await
