@@ -159,6 +159,8 @@ pub struct PolicyEngine {
     packages: Arc<[String]>,
     rules: Arc<[RuleInfo]>,
     limits: Limits,
+    /// Keep `print()` output for [`PolicyEngine::take_prints`] (the test runner) instead of logging it.
+    keep_prints: bool,
 }
 
 // Evaluation must be able to move onto worker threads.
@@ -298,6 +300,7 @@ impl PolicyEngine {
             packages: packages.into(),
             rules: rules.into(),
             limits,
+            keep_prints: false,
         })
     }
 
@@ -372,8 +375,16 @@ impl PolicyEngine {
         self.engine.take_prints().unwrap_or_default()
     }
 
+    /// Keeps `print()` output for [`PolicyEngine::take_prints`]; otherwise each evaluation logs and drops it.
+    pub fn keep_prints(&mut self, keep: bool) {
+        self.keep_prints = keep;
+    }
+
     fn flush_prints(&mut self) {
-        // Always drain: a long-running server must not accumulate print() output.
+        if self.keep_prints {
+            return;
+        }
+        // Drain every time: a long-running server must not accumulate print() output.
         let lines = self.take_prints();
         if tracing::enabled!(tracing::Level::DEBUG) {
             for line in lines {
@@ -832,6 +843,24 @@ reason := sprintf("user %s", [input.user])
             e.eval("data.p.o", &json!({})).unwrap(),
             Some(json!({"a": 1}))
         );
+    }
+
+    #[test]
+    fn print_output_is_not_accumulated_by_long_running_evaluators() {
+        let mut e =
+            compile("package p\n\nallow if {\n  print(\"seen\", input.n)\n  true\n}\n").unwrap();
+        for n in 0..3 {
+            assert_eq!(
+                e.eval_value("data.p.allow", Value::from(json!({"n": n})))
+                    .unwrap(),
+                Some(Value::Bool(true))
+            );
+        }
+        assert!(e.take_prints().is_empty());
+        e.keep_prints(true);
+        e.eval_value("data.p.allow", Value::from(json!({"n": 7})))
+            .unwrap();
+        assert_eq!(e.take_prints().len(), 1);
     }
 
     #[test]
