@@ -126,8 +126,17 @@ pub enum Provider {
     /// Istio (and Azure Service Mesh): a `VirtualService`.
     #[default]
     Istio,
-    /// Gateway API `HTTPRoute` attached to the Service (GAMMA).
+    /// Gateway API `HTTPRoute` attached to the Service (GAMMA), on Istio's telemetry.
     GatewayApi,
+    /// Linkerd: a Gateway API `HTTPRoute` (1.2.1 fields only), judged from Linkerd's proxy metrics.
+    Linkerd,
+    /// SMI `TrafficSplit` `split.smi-spec.io/v1alpha2` (linkerd-smi and other SMI meshes).
+    Smi,
+    /// SMI `TrafficSplit` `split.smi-spec.io/v1alpha1`.
+    #[serde(rename = "smi:v1alpha1")]
+    SmiV1alpha1,
+    /// Consul service mesh: a `ServiceSplitter` between the `-primary` and `-canary` services.
+    Consul,
 }
 
 /// How a release advances and how each step is judged.

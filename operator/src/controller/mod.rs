@@ -191,6 +191,19 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
             .await;
     }
 
+    let router = router_for(rollout.spec.provider);
+    if let Some(owner) = owner(rollout)
+        && let Some(why) = router.unsupported(&route_target(rollout, &names, owner))
+    {
+        return invalid_spec(
+            rollout,
+            ctx,
+            &status,
+            format!("provider {:?}: {why}", rollout.spec.provider),
+        )
+        .await;
+    }
+
     let observed = Observed {
         target_revision: target.as_ref().and_then(workload::template_revision),
         primary_revision: primary.as_ref().and_then(workload::primary_revision),
@@ -203,7 +216,11 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
             == Some("true"),
     };
     let now = jiff::Timestamp::now();
-    let checks = if checks_due(&rollout.spec, &status, &observed, now) {
+    // A step is judged only once the mesh applies its split: until Consul reports the splitter Synced,
+    // metrics would describe the previous split.
+    let checks = if checks_due(&rollout.spec, &status, &observed, now)
+        && route_synced(rollout, &names, ctx).await?
+    {
         run_checks(rollout, &names, ctx).await
     } else {
         Checks::NotRun
@@ -529,17 +546,7 @@ async fn converge(
     let resource = router.api_resource();
     let routes: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), &names.namespace, &resource);
-    let route_target = RouteTarget {
-        name: names.service.clone(),
-        namespace: names.namespace.clone(),
-        apex: names.service.clone(),
-        primary: names.service_primary.clone(),
-        canary: names.service_canary.clone(),
-        port: rollout.spec.service.port,
-        hosts: rollout.spec.service.hosts.clone(),
-        gateways: rollout.spec.service.gateways.clone(),
-        owner: owner.clone(),
-    };
+    let route_target = route_target(rollout, names, owner.clone());
     let split = Split::with_canary(desired.canary_weight);
     let live_route = routes.get_opt(&names.service).await?;
     let live_split = live_route
@@ -559,6 +566,34 @@ async fn converge(
         scale(&deployments, &names.target, 0).await?;
     }
     Ok(())
+}
+
+fn route_target(rollout: &Rollout, names: &Names, owner: OwnerReference) -> RouteTarget {
+    RouteTarget {
+        name: names.service.clone(),
+        namespace: names.namespace.clone(),
+        apex: names.service.clone(),
+        primary: names.service_primary.clone(),
+        canary: names.service_canary.clone(),
+        port: rollout.spec.service.port,
+        hosts: rollout.spec.service.hosts.clone(),
+        gateways: rollout.spec.service.gateways.clone(),
+        owner,
+    }
+}
+
+/// Whether the mesh has taken the live route into effect (Consul's `Synced`); a missing route is not.
+async fn route_synced(rollout: &Rollout, names: &Names, ctx: &Context) -> Result<bool, Error> {
+    let router = router_for(rollout.spec.provider);
+    if !router.waits_for_sync() {
+        return Ok(true);
+    }
+    let routes: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), &names.namespace, &router.api_resource());
+    let live = routes.get_opt(&names.service).await?;
+    Ok(live
+        .and_then(|r| serde_json::to_value(r).ok())
+        .is_some_and(|v| router.synced(&v)))
 }
 
 async fn scale(deployments: &Api<Deployment>, name: &str, replicas: i32) -> Result<(), Error> {

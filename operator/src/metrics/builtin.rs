@@ -18,9 +18,61 @@ pub struct MetricQueries {
 pub fn builtin(provider: Provider, name: &str, ctx: &QueryContext) -> Option<MetricQueries> {
     match provider {
         // Gateway API routes on Istio (GAMMA) are still served by Istio's proxies, which report Istio's standard
-        // metrics; a Linkerd provider will bring its own series (`response_total`, `direction="inbound"`).
+        // metrics.
         Provider::Istio | Provider::GatewayApi => istio(name, ctx),
+        // linkerd-smi is the SMI implementation users run; other SMI meshes use custom queries.
+        Provider::Linkerd | Provider::Smi | Provider::SmiV1alpha1 => linkerd(name, ctx),
+        Provider::Consul => consul(name, ctx),
     }
+}
+
+fn linkerd(name: &str, ctx: &QueryContext) -> Option<MetricQueries> {
+    // direction="inbound": the canary's own proxy sees each request once; outbound series are the callers'.
+    let selector = format!(
+        r#"direction="inbound",namespace="{}",deployment="{}""#,
+        label_value(&ctx.namespace),
+        label_value(&ctx.target),
+    );
+    let interval = &ctx.interval;
+    let requests = format!("sum(increase(response_total{{{selector}}}[{interval}]))");
+    let value = match name {
+        REQUEST_SUCCESS_RATE => format!(
+            r#"(sum(rate(response_total{{{selector},classification!="failure"}}[{interval}])) or vector(0)) / sum(rate(response_total{{{selector}}}[{interval}])) * 100"#
+        ),
+        REQUEST_DURATION => format!(
+            "histogram_quantile(0.99, sum(rate(response_latency_ms_bucket{{{selector}}}[{interval}])) by (le))"
+        ),
+        _ => return None,
+    };
+    Some(MetricQueries {
+        value,
+        requests: Some(requests),
+    })
+}
+
+fn consul(name: &str, ctx: &QueryContext) -> Option<MetricQueries> {
+    // The canary's Envoy sidecar reports requests to its own app as the `local_app` cluster. Pods are matched
+    // by name (`<target>-<hash>-<id>`), which does not depend on how the pods are registered in Consul.
+    let selector = format!(
+        r#"envoy_cluster_name="local_app",namespace="{}",pod=~"{}-[0-9a-zA-Z]+(-[0-9a-zA-Z]+)""#,
+        label_value(&ctx.namespace),
+        label_value(&ctx.target),
+    );
+    let interval = &ctx.interval;
+    let requests = format!("sum(increase(envoy_cluster_upstream_rq_xx{{{selector}}}[{interval}]))");
+    let value = match name {
+        REQUEST_SUCCESS_RATE => format!(
+            r#"(sum(rate(envoy_cluster_upstream_rq_xx{{{selector},envoy_response_code_class!="5"}}[{interval}])) or vector(0)) / sum(rate(envoy_cluster_upstream_rq_xx{{{selector}}}[{interval}])) * 100"#
+        ),
+        REQUEST_DURATION => format!(
+            "histogram_quantile(0.99, sum(rate(envoy_cluster_upstream_rq_time_bucket{{{selector}}}[{interval}])) by (le))"
+        ),
+        _ => return None,
+    };
+    Some(MetricQueries {
+        value,
+        requests: Some(requests),
+    })
 }
 
 fn istio(name: &str, ctx: &QueryContext) -> Option<MetricQueries> {
@@ -104,6 +156,50 @@ mod tests {
                 builtin(Provider::Istio, name, &ctx())
             );
         }
+    }
+
+    #[test]
+    fn linkerd_and_smi_use_linkerd_inbound_series() {
+        let selector = r#"direction="inbound",namespace="test",deployment="podinfo""#;
+        for provider in [Provider::Linkerd, Provider::Smi, Provider::SmiV1alpha1] {
+            assert_eq!(
+                builtin(provider, REQUEST_SUCCESS_RATE, &ctx()),
+                Some(MetricQueries {
+                    value: format!(
+                        r#"(sum(rate(response_total{{{selector},classification!="failure"}}[1m])) or vector(0)) / sum(rate(response_total{{{selector}}}[1m])) * 100"#
+                    ),
+                    requests: Some(format!("sum(increase(response_total{{{selector}}}[1m]))")),
+                })
+            );
+            assert_eq!(
+                builtin(provider, REQUEST_DURATION, &ctx()).map(|q| q.value),
+                Some(format!(
+                    "histogram_quantile(0.99, sum(rate(response_latency_ms_bucket{{{selector}}}[1m])) by (le))"
+                ))
+            );
+        }
+    }
+
+    #[test]
+    fn consul_uses_the_sidecars_local_app_cluster() {
+        let selector = r#"envoy_cluster_name="local_app",namespace="test",pod=~"podinfo-[0-9a-zA-Z]+(-[0-9a-zA-Z]+)""#;
+        assert_eq!(
+            builtin(Provider::Consul, REQUEST_SUCCESS_RATE, &ctx()),
+            Some(MetricQueries {
+                value: format!(
+                    r#"(sum(rate(envoy_cluster_upstream_rq_xx{{{selector},envoy_response_code_class!="5"}}[1m])) or vector(0)) / sum(rate(envoy_cluster_upstream_rq_xx{{{selector}}}[1m])) * 100"#
+                ),
+                requests: Some(format!(
+                    "sum(increase(envoy_cluster_upstream_rq_xx{{{selector}}}[1m]))"
+                )),
+            })
+        );
+        assert_eq!(
+            builtin(Provider::Consul, REQUEST_DURATION, &ctx()).map(|q| q.value),
+            Some(format!(
+                "histogram_quantile(0.99, sum(rate(envoy_cluster_upstream_rq_time_bucket{{{selector}}}[1m])) by (le))"
+            ))
+        );
     }
 
     #[test]

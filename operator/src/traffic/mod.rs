@@ -1,11 +1,17 @@
 //! Traffic routers: one per mesh, each a pure function from (route target, weight split) to the route object
 //! Sluice server-side applies, and back from a live route object to the split it sends.
 
+mod consul;
 mod gatewayapi;
 mod istio;
+mod linkerd;
+mod smi;
 
+pub use consul::ConsulRouter;
 pub use gatewayapi::GatewayApiRouter;
 pub use istio::IstioRouter;
+pub use linkerd::LinkerdRouter;
+pub use smi::SmiRouter;
 
 use std::fmt;
 
@@ -129,15 +135,36 @@ pub trait Router: Send + Sync {
     /// counting them as drift would only cause useless writes.
     fn observed_split(&self, live: &Value, target: &RouteTarget) -> Option<Split>;
 
+    /// Why this mesh cannot route `target` as asked (a field it has no equivalent for), so the Rollout
+    /// reports it instead of silently dropping it.
+    fn unsupported(&self, _target: &RouteTarget) -> Option<String> {
+        None
+    }
+
+    /// Whether [`Router::synced`] can be false, so the controller must read the live object before checks.
+    fn waits_for_sync(&self) -> bool {
+        false
+    }
+
+    /// Whether the mesh has taken the live route object into effect. Most meshes apply routes
+    /// synchronously; Consul reports a `Synced` condition, and checks wait for it.
+    fn synced(&self, _live: &Value) -> bool {
+        true
+    }
+
     /// Which provider this is (for messages).
     fn provider(&self) -> Provider;
 }
 
-/// The router for a mesh. Linkerd, SMI or Consul routers slot in here as new `Provider` variants.
+/// The router for a mesh.
 pub fn router_for(provider: Provider) -> Box<dyn Router> {
     match provider {
         Provider::Istio => Box::new(IstioRouter),
         Provider::GatewayApi => Box::new(GatewayApiRouter),
+        Provider::Linkerd => Box::new(LinkerdRouter),
+        Provider::Smi => Box::new(SmiRouter { v1alpha1: false }),
+        Provider::SmiV1alpha1 => Box::new(SmiRouter { v1alpha1: true }),
+        Provider::Consul => Box::new(ConsulRouter),
     }
 }
 
@@ -228,21 +255,32 @@ pub(crate) mod tests {
         }
     }
 
+    pub(crate) const PROVIDERS: [Provider; 6] = [
+        Provider::Istio,
+        Provider::GatewayApi,
+        Provider::Linkerd,
+        Provider::Smi,
+        Provider::SmiV1alpha1,
+        Provider::Consul,
+    ];
+
     fn routers() -> Vec<Box<dyn Router>> {
-        vec![
-            router_for(Provider::Istio),
-            router_for(Provider::GatewayApi),
-        ]
+        PROVIDERS.into_iter().map(router_for).collect()
     }
 
-    /// Every integer weight found under a key named `weight`.
+    /// Every integer weight (or integer quantity, as SMI v1alpha1 writes) under a key named `weight`.
     fn weights(value: &Value) -> Vec<u64> {
         match value {
             Value::Object(map) => map
                 .iter()
-                .flat_map(|(key, v)| match (key.as_str(), v.as_u64()) {
-                    ("weight", Some(w)) => vec![w],
-                    _ => weights(v),
+                .flat_map(|(key, v)| {
+                    let weight = v
+                        .as_u64()
+                        .or_else(|| v.as_str().and_then(|s| s.parse().ok()));
+                    match (key.as_str(), weight) {
+                        ("weight", Some(w)) => vec![w],
+                        _ => weights(v),
+                    }
                 })
                 .collect(),
             Value::Array(items) => items.iter().flat_map(weights).collect(),
@@ -265,7 +303,7 @@ pub(crate) mod tests {
 
     #[test]
     fn router_for_returns_the_requested_provider() {
-        for provider in [Provider::Istio, Provider::GatewayApi] {
+        for provider in PROVIDERS {
             assert_eq!(router_for(provider).provider(), provider);
         }
         let istio = router_for(Provider::Istio).api_resource();
@@ -304,6 +342,67 @@ pub(crate) mod tests {
                     assert_eq!(router.observed_split(&object, &target), Some(s));
                 }
             }
+        }
+    }
+
+    /// Router conformance: every router goes through the same release (initialize, 10%, 50%, promote,
+    /// rollback, finalize) and its objects are snapshotted side by side; each step must read back as the
+    /// split it was written for, and a finalized route is deleted.
+    #[test]
+    fn conformance_every_router_through_one_release() {
+        let steps: [(&str, u8); 5] = [
+            ("initialize", 0),
+            ("step 10%", 10),
+            ("step 50%", 50),
+            ("promote (primary now runs the new version)", 0),
+            ("rollback", 0),
+        ];
+        for provider in PROVIDERS {
+            let router = router_for(provider);
+            let target = plain_target();
+            let mut release = serde_json::Map::new();
+            let mut previous: Option<Value> = None;
+            for (step, canary) in steps {
+                let object = router.desired(&target, split(canary));
+                assert_eq!(
+                    router.observed_split(&object, &target),
+                    Some(split(canary)),
+                    "{provider:?} {step}"
+                );
+                // Re-applying the object for the split already live is a no-op write.
+                if let Some(previous) = &previous
+                    && router.observed_split(previous, &target) == Some(split(canary))
+                {
+                    assert_eq!(
+                        previous, &object,
+                        "{provider:?} {step}: same split, same object"
+                    );
+                }
+                release.insert(step.to_owned(), object["spec"].clone());
+                previous = Some(object);
+            }
+            release.insert(
+                "finalize".to_owned(),
+                json!("route object deleted; apex Service selects the target again"),
+            );
+            let resource = router.api_resource();
+            insta::assert_yaml_snapshot!(
+                format!(
+                    "conformance_{}",
+                    serde_json::to_value(provider)
+                        .unwrap()
+                        .as_str()
+                        .unwrap()
+                        .replace(':', "_")
+                ),
+                json!({
+                    "apiVersion": resource.api_version,
+                    "kind": resource.kind,
+                    "release": release,
+                    "hostsAndGateways": router.unsupported(&exposed_target()).unwrap_or_else(|| "supported".into()),
+                    "waitsForSync": !router.synced(&router.desired(&target, split(10))),
+                })
+            );
         }
     }
 
