@@ -595,7 +595,77 @@ fn render_metrics(workloads: &BTreeMap<(String, String), Workload>) -> String {
             }
         }
     }
-    requests + &durations
+    requests + &durations + &render_linkerd(workloads) + &render_consul(workloads)
+}
+
+/// Writes one histogram's `_bucket`/`_sum`/`_count` lines for `metric` with `labels`.
+fn write_histogram(out: &mut String, metric: &str, labels: &str, histogram: &Histogram) {
+    for (le, count) in LATENCY_BUCKETS_MS.iter().zip(histogram.buckets) {
+        let _ = writeln!(out, "{metric}_bucket{{{labels},le=\"{le}\"}} {count}");
+    }
+    let _ = writeln!(
+        out,
+        "{metric}_bucket{{{labels},le=\"+Inf\"}} {}\n{metric}_sum{{{labels}}} {}\n{metric}_count{{{labels}}} {}",
+        histogram.count, histogram.sum, histogram.count
+    );
+}
+
+/// Linkerd's proxy series: `response_total` and `response_latency_ms`, inbound on the workload's own proxy and
+/// outbound on its callers' (so a query that forgets `direction="inbound"` counts twice).
+fn render_linkerd(workloads: &BTreeMap<(String, String), Workload>) -> String {
+    let mut responses = String::from("# TYPE response_total counter\n");
+    let mut latencies = String::from("# TYPE response_latency_ms histogram\n");
+    for ((namespace, name), workload) in workloads {
+        for direction in ["inbound", "outbound"] {
+            for (code, classification, histogram) in [
+                ("200", "success", &workload.ok),
+                ("500", "failure", &workload.failed),
+            ] {
+                if histogram.count == 0 {
+                    continue;
+                }
+                let labels = format!(
+                    "direction=\"{direction}\",namespace=\"{namespace}\",deployment=\"{name}\",\
+                     pod=\"{name}-7d9f8b6c5-x2x9k\",status_code=\"{code}\",classification=\"{classification}\",tls=\"true\""
+                );
+                let _ = writeln!(responses, "response_total{{{labels}}} {}", histogram.count);
+                write_histogram(&mut latencies, "response_latency_ms", &labels, histogram);
+            }
+        }
+    }
+    responses + &latencies
+}
+
+/// The Envoy sidecar series Consul exposes: requests to the workload's own app are the `local_app` cluster;
+/// requests it makes elsewhere are other clusters (which a query must not count).
+fn render_consul(workloads: &BTreeMap<(String, String), Workload>) -> String {
+    let mut requests = String::from("# TYPE envoy_cluster_upstream_rq_xx counter\n");
+    let mut times = String::from("# TYPE envoy_cluster_upstream_rq_time histogram\n");
+    for ((namespace, name), workload) in workloads {
+        for cluster in ["local_app", "backend.default.dc1.internal"] {
+            for (class, histogram) in [("2", &workload.ok), ("5", &workload.failed)] {
+                if histogram.count == 0 {
+                    continue;
+                }
+                let labels = format!(
+                    "envoy_cluster_name=\"{cluster}\",envoy_response_code_class=\"{class}\",\
+                     namespace=\"{namespace}\",pod=\"{name}-7d9f8b6c5-x2x9k\",local_cluster=\"{name}\""
+                );
+                let _ = writeln!(
+                    requests,
+                    "envoy_cluster_upstream_rq_xx{{{labels}}} {}",
+                    histogram.count
+                );
+                write_histogram(
+                    &mut times,
+                    "envoy_cluster_upstream_rq_time",
+                    &labels,
+                    histogram,
+                );
+            }
+        }
+    }
+    requests + &times
 }
 
 #[cfg(test)]

@@ -38,6 +38,10 @@ struct Scenario {
     dir: tempfile::TempDir,
     weights: WeightLog,
     recorder: tokio::task::JoinHandle<()>,
+    /// Plays Consul's controller for ServiceSplitters (Consul scenarios only).
+    consul: Option<tokio::task::JoinHandle<()>>,
+    /// When the stand-in Consul synced each canary weight.
+    consul_syncs: WeightLog,
     sandbox: Option<Sandbox>,
 }
 
@@ -104,8 +108,25 @@ async fn cluster() -> Cluster {
 
 impl Scenario {
     async fn start(provider: Provider, analysis: Value, deadline: u32) -> Scenario {
-        let scenario =
-            Scenario::start_with(provider, analysis, deadline, deployment("podinfo:1")).await;
+        Scenario::start_with_sync_delay(provider, analysis, deadline, Duration::from_millis(200))
+            .await
+    }
+
+    /// [`Scenario::start`] with a Consul that takes `consul_sync_delay` to sync each splitter.
+    async fn start_with_sync_delay(
+        provider: Provider,
+        analysis: Value,
+        deadline: u32,
+        consul_sync_delay: Duration,
+    ) -> Scenario {
+        let scenario = Scenario::launch(
+            provider,
+            analysis,
+            deadline,
+            deployment("podinfo:1"),
+            consul_sync_delay,
+        )
+        .await;
         scenario
             .wait_for_phase(RolloutPhase::Initialized, Duration::from_secs(20))
             .await;
@@ -118,6 +139,23 @@ impl Scenario {
         analysis: Value,
         deadline: u32,
         target: Value,
+    ) -> Scenario {
+        Scenario::launch(
+            provider,
+            analysis,
+            deadline,
+            target,
+            Duration::from_millis(200),
+        )
+        .await
+    }
+
+    async fn launch(
+        provider: Provider,
+        analysis: Value,
+        deadline: u32,
+        target: Value,
+        consul_sync_delay: Duration,
     ) -> Scenario {
         let Cluster {
             sandbox,
@@ -166,6 +204,14 @@ impl Scenario {
         .expect("operator starts");
         let weights: WeightLog = Arc::default();
         let recorder = tokio::spawn(record_weights(client.clone(), provider, weights.clone()));
+        let consul_syncs: WeightLog = Arc::default();
+        let consul = (provider == Provider::Consul).then(|| {
+            tokio::spawn(play_consul(
+                client.clone(),
+                consul_sync_delay,
+                consul_syncs.clone(),
+            ))
+        });
         Scenario {
             client,
             provider,
@@ -176,6 +222,8 @@ impl Scenario {
             dir,
             weights,
             recorder,
+            consul,
+            consul_syncs,
             sandbox: Some(sandbox),
         }
     }
@@ -249,11 +297,67 @@ impl Scenario {
 
     async fn stop(mut self) {
         self.recorder.abort();
+        if let Some(consul) = &self.consul {
+            consul.abort();
+        }
         self.operator.kill();
         if let Some(sandbox) = self.sandbox.take() {
             sandbox.stop().await;
         }
         let _ = (&self.mesh, &self.kubeconfig, &self.dir, &self.provider);
+    }
+}
+
+/// A stand-in for consul-k8s' config-entry controller: after `delay`, marks a ServiceSplitter `Synced` when
+/// its spec changed or its condition is not True, as consul-k8s does once the entry is in Consul.
+async fn play_consul(client: Client, delay: Duration, syncs: WeightLog) {
+    let router = router_for(Provider::Consul);
+    let splitters: Api<DynamicObject> = Api::namespaced_with(client, NS, &router.api_resource());
+    let mut synced: std::collections::HashMap<String, i64> = Default::default();
+    loop {
+        if let Ok(list) = splitters.list(&Default::default()).await {
+            for splitter in list.items {
+                let name = splitter.metadata.name.clone().unwrap_or_default();
+                let generation = splitter.metadata.generation.unwrap_or_default();
+                let condition_true = splitter
+                    .data
+                    .pointer("/status/conditions/0/status")
+                    .and_then(Value::as_str)
+                    == Some("True");
+                if synced.get(&name) == Some(&generation) && condition_true {
+                    continue;
+                }
+                tokio::time::sleep(delay).await;
+                // Like consul-k8s, sync what the splitter holds now, not what it held before the wait.
+                let Ok(current) = splitters.get(&name).await else {
+                    continue;
+                };
+                let generation = current.metadata.generation.unwrap_or_default();
+                // Whole seconds, like metav1.Time.
+                let now = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second())
+                    .expect("a valid time")
+                    .to_string();
+                let status = json!({"status": {
+                    "conditions": [{"type": "Synced", "status": "True", "lastTransitionTime": now}],
+                    "lastSyncedTime": now,
+                }});
+                if splitters
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+                    .await
+                    .is_ok()
+                {
+                    synced.insert(name, generation);
+                    let weight = serde_json::to_value(&current)
+                        .ok()
+                        .and_then(|v| router.observed_split(&v, &route_target()))
+                        .map(|split| split.canary().get());
+                    if let (Some(weight), Ok(mut log)) = (weight, syncs.lock()) {
+                        log.push((Instant::now(), weight));
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -339,6 +443,96 @@ async fn istio_healthy_release_walks_every_step_and_is_promoted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn gatewayapi_healthy_release_walks_every_step_and_is_promoted() {
     healthy_release_is_promoted(Provider::GatewayApi).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn linkerd_healthy_release_walks_every_step_and_is_promoted() {
+    healthy_release_is_promoted(Provider::Linkerd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn smi_healthy_release_walks_every_step_and_is_promoted() {
+    healthy_release_is_promoted(Provider::Smi).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn smi_v1alpha1_healthy_release_walks_every_step_and_is_promoted() {
+    healthy_release_is_promoted(Provider::SmiV1alpha1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consul_healthy_release_walks_every_step_and_is_promoted() {
+    healthy_release_is_promoted(Provider::Consul).await;
+}
+
+/// Each provider's builtin success rate reads its own mesh's failure series: an erroring canary fails.
+async fn erroring_canary_is_rolled_back(provider: Provider) {
+    let s = Scenario::start(provider, canary_analysis(1), 30).await;
+    s.release("podinfo:2", json!({})).await;
+    s.wait_for_weight(20, Duration::from_secs(20)).await;
+    s.mesh.set("podinfo", NS, ERRORING);
+    s.wait_for_phase(RolloutPhase::Failed, Duration::from_secs(20))
+        .await;
+    let message = s
+        .rollout()
+        .await
+        .status
+        .and_then(|st| st.message)
+        .unwrap_or_default();
+    assert!(message.contains("request-success-rate"), "{message}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        s.weight_sequence().last(),
+        Some(&0),
+        "{:?}",
+        s.weight_sequence()
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn linkerd_erroring_canary_is_rolled_back() {
+    erroring_canary_is_rolled_back(Provider::Linkerd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consul_erroring_canary_is_rolled_back() {
+    erroring_canary_is_rolled_back(Provider::Consul).await;
+}
+
+/// Consul applies a splitter asynchronously: a step is judged only once the splitter is `Synced`, so with a
+/// Consul that takes 2s to sync, no weight moves on before Consul has synced it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn consul_steps_wait_for_the_splitter_to_sync() {
+    let s = Scenario::start_with_sync_delay(
+        Provider::Consul,
+        canary_analysis(2),
+        60,
+        Duration::from_secs(2),
+    )
+    .await;
+    s.release("podinfo:2", json!({})).await;
+    s.wait_for_phase(RolloutPhase::Succeeded, Duration::from_secs(60))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let weights: Vec<(Instant, u8)> = s.weights.lock().map(|w| w.clone()).unwrap_or_default();
+    let syncs: Vec<(Instant, u8)> = s.consul_syncs.lock().map(|w| w.clone()).unwrap_or_default();
+    let steps: Vec<_> = weights.windows(2).filter(|p| p[0].1 > 0).collect();
+    assert_eq!(steps.len(), 3, "{weights:?}");
+    for pair in steps {
+        let (weight, moved_on) = (pair[0].1, pair[1].0);
+        let synced = syncs
+            .iter()
+            .find(|(_, w)| *w == weight)
+            .map(|(t, _)| *t)
+            .unwrap_or_else(|| panic!("Consul never synced {weight}%: {syncs:?}"));
+        assert!(
+            synced <= moved_on,
+            "{weight}% was judged {:?} before Consul synced it",
+            synced.duration_since(moved_on)
+        );
+    }
+    s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -558,6 +558,15 @@ async fn converge(
         routes
             .patch(&names.service, &patch_params(), &Patch::Apply(object))
             .await?;
+        if let Some(unsynced) = router.unsynced_status() {
+            routes
+                .patch_status(
+                    &names.service,
+                    &PatchParams::default(),
+                    &Patch::Merge(unsynced),
+                )
+                .await?;
+        }
         tracing::info!(rollout = %rollout.name_any(), namespace = %names.namespace, %split, "route updated");
     }
 

@@ -70,6 +70,18 @@ impl Router for ConsulRouter {
             })
     }
 
+    fn unsynced_status(&self) -> Option<Value> {
+        // Consul's status has no observedGeneration, so a `Synced` condition left from the previous split
+        // would pass for this one. Sluice marks it Unknown when it changes the split; consul-k8s sets it True
+        // again once it has written the new split to Consul.
+        Some(json!({"status": {"conditions": [{
+            "type": "Synced",
+            "status": "Unknown",
+            "reason": "SplitChanged",
+            "message": "Sluice changed the split; waiting for Consul to apply it",
+        }]}}))
+    }
+
     fn provider(&self) -> Provider {
         Provider::Consul
     }
@@ -96,6 +108,12 @@ mod tests {
         assert!(!ConsulRouter.synced(&live));
         live["status"] = json!({"conditions": [{"type": "Synced", "status": "True"}]});
         assert!(ConsulRouter.synced(&live));
+        let reset = ConsulRouter.unsynced_status().unwrap_or_default();
+        live["status"] = reset["status"].clone();
+        assert!(
+            !ConsulRouter.synced(&live),
+            "a split Sluice just changed waits for Consul"
+        );
         // The status does not change what split the object holds.
         assert_eq!(
             ConsulRouter.observed_split(&live, &plain_target()),

@@ -152,6 +152,12 @@ pub trait Router: Send + Sync {
         true
     }
 
+    /// Status merge patch that marks a route Sluice just changed as not yet applied by the mesh, for meshes
+    /// whose status cannot tell which version of the object it describes.
+    fn unsynced_status(&self) -> Option<Value> {
+        None
+    }
+
     /// Which provider this is (for messages).
     fn provider(&self) -> Provider;
 }
