@@ -207,7 +207,7 @@ pub fn sluice_binary() -> std::io::Result<PathBuf> {
                 .ok_or_else(|| "cannot locate the target directory".to_owned())?;
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = Command::new(cargo)
-                .args(["build", "--quiet", "-p", "sluice", "--bin", "sluice"])
+                .args(["build", "--quiet", "-p", "sluice", "--bins"])
                 .current_dir(repo_root())
                 .status()
                 .map_err(|e| format!("cannot run cargo: {e}"))?;

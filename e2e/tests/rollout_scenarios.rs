@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use kube::Client;
+use kube::{Client, ResourceExt};
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use sluice::api::{Provider, Rollout, RolloutPhase};
@@ -532,6 +532,129 @@ async fn consul_steps_wait_for_the_splitter_to_sync() {
             synced.duration_since(moved_on)
         );
     }
+    s.stop().await;
+}
+
+/// Runs `kubectl sluice ARGS` through the real kubectl, which finds the `kubectl-sluice` plugin on PATH.
+fn kubectl_sluice(kubeconfig: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let binary = sluice_e2e::harness::sluice_binary().expect("sluice binaries");
+    let bin_dir = binary.parent().expect("target dir").to_owned();
+    let path = std::env::join_paths(std::iter::once(bin_dir).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))
+    .expect("PATH");
+    std::process::Command::new(sluice_e2e::harness::kubectl_binary())
+        .arg("sluice")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env("PATH", path)
+        .output()
+        .expect("kubectl runs")
+}
+
+fn plugin_ok(kubeconfig: &std::path::Path, args: &[&str]) -> String {
+    let out = kubectl_sluice(kubeconfig, args);
+    assert!(
+        out.status.success(),
+        "kubectl sluice {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The kubectl plugin steers a release: pause holds it past its deadline, resume continues, abort rolls
+/// back, retry releases again, promote --full promotes at once, undo abandons a release; get and list show it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kubectl_sluice_steers_a_release() {
+    let s = Scenario::start(Provider::Istio, canary_analysis(2), 6).await;
+    let kubeconfig = s.kubeconfig.clone();
+    s.release("podinfo:2", json!({})).await;
+    s.wait_for_weight(20, Duration::from_secs(20)).await;
+
+    // Pause: the weight holds and the 6s progress deadline does not fire.
+    plugin_ok(&kubeconfig, &["pause", "podinfo", "-n", NS]);
+    let paused_at = *s.weight_sequence().last().expect("a weight");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let r = s.rollout().await;
+    let status = r.status.clone().expect("status");
+    assert_eq!(
+        status.phase,
+        Some(RolloutPhase::Progressing),
+        "{:?}",
+        status.message
+    );
+    assert_eq!(status.canary_weight.get(), paused_at);
+    assert!(status.paused_at.is_some());
+    let view = plugin_ok(&kubeconfig, &["get", "podinfo", "-n", NS]);
+    assert!(view.contains("(paused by user)"), "{view}");
+    assert!(view.contains("request-success-rate"), "{view}");
+    assert!(view.contains("PausedByUser"), "events are shown: {view}");
+
+    // Abort: everything back to the primary.
+    plugin_ok(&kubeconfig, &["resume", "podinfo", "-n", NS]);
+    plugin_ok(&kubeconfig, &["abort", "podinfo", "-n", NS]);
+    s.wait_for_phase(RolloutPhase::Failed, Duration::from_secs(20))
+        .await;
+    let message = s
+        .rollout()
+        .await
+        .status
+        .and_then(|st| st.message)
+        .unwrap_or_default();
+    assert!(message.contains("aborted by the user"), "{message}");
+    assert!(
+        !s.rollout()
+            .await
+            .annotations()
+            .contains_key("sluice.dev/abort"),
+        "the abort annotation is used once"
+    );
+
+    // Retry, then promote at once.
+    plugin_ok(&kubeconfig, &["retry", "podinfo", "-n", NS]);
+    s.wait_for_phase(RolloutPhase::Progressing, Duration::from_secs(20))
+        .await;
+    s.wait_for_weight(20, Duration::from_secs(20)).await;
+    plugin_ok(&kubeconfig, &["promote", "podinfo", "--full", "-n", NS]);
+    s.wait_for_phase(RolloutPhase::Succeeded, Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        image_of(&s.deployment("podinfo-primary").await),
+        "podinfo:2"
+    );
+
+    // Undo: a new release is abandoned by putting the target back on the promoted revision.
+    s.release("podinfo:3", json!({})).await;
+    s.wait_for_phase(RolloutPhase::Progressing, Duration::from_secs(20))
+        .await;
+    plugin_ok(&kubeconfig, &["undo", "podinfo", "-n", NS]);
+    s.wait_for_phase(RolloutPhase::Succeeded, Duration::from_secs(20))
+        .await;
+    assert_eq!(image_of(&s.deployment("podinfo").await), "podinfo:2");
+    assert_eq!(
+        image_of(&s.deployment("podinfo-primary").await),
+        "podinfo:2"
+    );
+
+    let list = plugin_ok(&kubeconfig, &["list", "-n", NS]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("podinfo") && l.contains("Succeeded")),
+        "{list}"
+    );
+    // Errors read like kubectl's, with a non-zero exit.
+    let missing = kubectl_sluice(&kubeconfig, &["get", "nope", "-n", NS]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("NotFound"));
+    let retry_ok = kubectl_sluice(&kubeconfig, &["retry", "podinfo", "-n", NS]);
+    assert!(
+        !retry_ok.status.success(),
+        "nothing to retry after a success"
+    );
+    let policy = kubectl_sluice(&kubeconfig, &["policy", "status", "nope", "-n", NS]);
+    assert!(String::from_utf8_lossy(&policy.stderr).contains("authorizationpolicies.sluice.dev"));
     s.stop().await;
 }
 

@@ -317,6 +317,9 @@ pub struct RolloutStatus {
     /// When the metrics were last checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_check_time: Option<Time>,
+    /// When a user paused the release (`sluice rollout pause`); its timers stop until it resumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_at: Option<Time>,
     /// Why the rollout is where it is, in one line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

@@ -2,6 +2,7 @@
 
 pub mod authz;
 pub mod policy;
+pub mod rollout;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -30,6 +31,13 @@ pub enum Command {
     },
     /// Serve Envoy ext_authz decisions (gRPC, and optionally HTTP) from a policy bundle.
     Authz(Box<authz::AuthzArgs>),
+    /// Look at and steer Rollouts: get, list, promote, abort, pause, resume, retry, undo (also `kubectl sluice`).
+    Rollout {
+        #[command(flatten)]
+        target: rollout::Target,
+        #[command(subcommand)]
+        command: rollout::RolloutCommand,
+    },
     /// Test, evaluate and build Rego policies and OPA bundles.
     Policy {
         #[command(subcommand)]
@@ -95,6 +103,8 @@ pub enum CliError {
     Policy(#[from] policy::PolicyCliError),
     #[error("{0}")]
     Authz(#[from] authz::AuthzError),
+    #[error("{0}")]
+    Rollout(#[from] rollout::RolloutCliError),
     #[error("no usable Kubernetes configuration (set KUBECONFIG or run in a cluster): {0}")]
     Kubeconfig(#[source] kube::Error),
     #[error("invalid --default-alert-provider {0:?}: expected NAMESPACE/NAME")]
@@ -134,6 +144,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy { command } => Ok(policy::run(command)?),
+        Command::Rollout { target, command } => Ok(rollout::run(target, command)?),
         Command::Authz(args) => {
             authz::run(*args)?;
             Ok(ExitCode::SUCCESS)

@@ -22,6 +22,12 @@ pub enum PolicyCommand {
     Eval(EvalArgs),
     /// Build an OPA bundle (.tar.gz) from a directory: .rego files anywhere, data.json/data.yaml by directory.
     Build(BuildArgs),
+    /// Show an AuthorizationPolicy in the cluster: revision, matched workloads, conditions, last error.
+    Status {
+        name: String,
+        #[command(flatten)]
+        target: super::rollout::Target,
+    },
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -124,6 +130,8 @@ pub enum PolicyCliError {
     Signing(#[from] crate::policy::signing::SigningError),
     #[error("{failed} tests failed; not building the bundle (use --skip-tests to build anyway)")]
     TestsFailed { failed: usize },
+    #[error("{0}")]
+    Cluster(#[from] super::rollout::RolloutCliError),
 }
 
 pub fn run(command: PolicyCommand) -> Result<ExitCode, PolicyCliError> {
@@ -131,6 +139,7 @@ pub fn run(command: PolicyCommand) -> Result<ExitCode, PolicyCliError> {
         PolicyCommand::Test(args) => test(args),
         PolicyCommand::Eval(args) => eval(args),
         PolicyCommand::Build(args) => build(args),
+        PolicyCommand::Status { name, target } => Ok(super::rollout::policy_status(target, name)?),
     }
 }
 

@@ -25,7 +25,7 @@ use thiserror::Error;
 
 use crate::api::{
     AlertProvider, AlertProviderType, AlertSeverity, FIELD_MANAGER, MetricVerdict, Rollout,
-    RolloutAlert, RolloutPhase, RolloutStatus, Verdict,
+    RolloutAlert, RolloutStatus, Verdict,
 };
 use crate::metrics::{Prometheus, QueryContext};
 use crate::notify::{Deliverer, Notification, Severity, Sink};
@@ -36,8 +36,37 @@ use workload::Names;
 
 /// Finalizer that lets Sluice hand traffic back to the user's workload before a Rollout goes away.
 pub const FINALIZER: &str = "sluice.dev/rollout";
-/// Annotation that continues a Rollout paused without a duration.
+/// Annotation that continues a Rollout paused without a duration or skips the current stage's analysis
+/// (`true`), or promotes the canary right away (`full`). Used once.
 pub const PROMOTE_ANNOTATION: &str = "sluice.dev/promote";
+/// Annotation that stops a release and rolls it back (`true`). Used once.
+pub const ABORT_ANNOTATION: &str = "sluice.dev/abort";
+/// Annotation that releases a failed revision again (`true`). Used once.
+pub const RETRY_ANNOTATION: &str = "sluice.dev/retry";
+/// Annotation that holds a release where it is while set to `true`.
+pub const PAUSED_ANNOTATION: &str = "sluice.dev/paused";
+
+/// The manual control a Rollout's annotations ask for: (promote one step, one-shot command, paused).
+pub fn manual_control(
+    annotations: &std::collections::BTreeMap<String, String>,
+) -> (bool, Option<crate::rollout::Command>, bool) {
+    use crate::rollout::Command;
+    let set = |key: &str| annotations.get(key).is_some_and(|v| v != "false");
+    let promote = annotations.get(PROMOTE_ANNOTATION).map(String::as_str);
+    // The safest command wins when several are set.
+    let command = if set(ABORT_ANNOTATION) {
+        Some(Command::Abort)
+    } else if promote == Some("full") {
+        Some(Command::PromoteFull)
+    } else if set(RETRY_ANNOTATION) {
+        Some(Command::Retry)
+    } else {
+        None
+    };
+    let promote_step = command.is_none() && promote.is_some_and(|v| v != "false" && v != "full");
+    let paused = annotations.get(PAUSED_ANNOTATION).map(String::as_str) == Some("true");
+    (promote_step, command, paused)
+}
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -204,16 +233,15 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
         .await;
     }
 
+    let (promote_requested, command, paused_by_user) = manual_control(rollout.annotations());
     let observed = Observed {
         target_revision: target.as_ref().and_then(workload::template_revision),
         primary_revision: primary.as_ref().and_then(workload::primary_revision),
         canary_ready: target.as_ref().is_some_and(workload::is_ready),
         primary_ready: primary.as_ref().is_some_and(workload::is_ready),
-        promote_requested: rollout
-            .annotations()
-            .get(PROMOTE_ANNOTATION)
-            .map(String::as_str)
-            == Some("true"),
+        promote_requested,
+        command,
+        paused_by_user,
     };
     let now = jiff::Timestamp::now();
     // A step is judged only once the mesh applies its split: until Consul reports the splitter Synced,
@@ -256,12 +284,14 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
         write_status(rollout, ctx, &delivered).await?;
         next_status = delivered;
     }
-    // A promote annotation is used once: it must not also skip the next indefinite pause.
-    let left_pause = status.phase == Some(RolloutPhase::Paused)
-        && plan.status.phase != Some(RolloutPhase::Paused);
-    if observed.promote_requested && left_pause {
+    // One-shot commands are used once: a promote must not also skip the next pause or stage.
+    if plan.command_used {
         let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &names.namespace);
-        let patch = json!({"metadata": {"annotations": {PROMOTE_ANNOTATION: null}}});
+        let patch = json!({"metadata": {"annotations": {
+            PROMOTE_ANNOTATION: null,
+            ABORT_ANNOTATION: null,
+            RETRY_ANNOTATION: null,
+        }}});
         api.patch(
             &rollout.name_any(),
             &PatchParams::default(),

@@ -23,8 +23,23 @@ pub struct Observed {
     pub canary_ready: bool,
     /// The primary has all its replicas ready at its current template.
     pub primary_ready: bool,
-    /// Someone asked to continue past an indefinite pause.
+    /// Someone asked to continue past an indefinite pause, or to skip the current stage's analysis.
     pub promote_requested: bool,
+    /// A one-shot command from `sluice rollout` (annotations), besides promote.
+    pub command: Option<Command>,
+    /// `sluice rollout pause` is in effect (until `resume`).
+    pub paused_by_user: bool,
+}
+
+/// One-shot commands users give through `sluice rollout` / annotations; each is used once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Skip the remaining analysis and promote the canary now.
+    PromoteFull,
+    /// Stop the release: everything back to the primary, phase Failed.
+    Abort,
+    /// Release again a revision that failed.
+    Retry,
 }
 
 /// Result of the metric checks the controller ran because [`checks_due`] said so.
@@ -67,6 +82,8 @@ pub struct Plan {
     pub transitions: Vec<Transition>,
     /// When to plan again if nothing else happens first.
     pub requeue_after: Duration,
+    /// The one-shot command or promote request was acted on (or refused): remove its annotation.
+    pub command_used: bool,
 }
 
 /// Everything one planning step depends on.
@@ -129,7 +146,11 @@ pub fn checks_due(
     observed: &Observed,
     now: Timestamp,
 ) -> bool {
-    if spec.suspend || spec.skip_analysis || status.phase != Some(RolloutPhase::Progressing) {
+    if spec.suspend
+        || spec.skip_analysis
+        || observed.paused_by_user
+        || status.phase != Some(RolloutPhase::Progressing)
+    {
         return false;
     }
     if !observed.canary_ready || observed.target_revision.as_deref() != status.revision.as_deref() {
@@ -149,6 +170,53 @@ pub fn checks_due(
 
 /// Plans one step. Same inputs, same output.
 pub fn plan(input: PlanInput<'_>) -> Plan {
+    let before = input.status;
+    let mut plan = plan_release(input);
+    let observed = input.observed;
+    // A promote request is used once it moved the release (left a pause, skipped a stage) or could not
+    // apply; left in place it would skip a later stage the user never meant to skip.
+    let in_release = matches!(
+        before.phase,
+        Some(RolloutPhase::Progressing | RolloutPhase::Paused)
+    );
+    let moved =
+        plan.status.current_step != before.current_step || plan.status.phase != before.phase;
+    if observed.promote_requested && (moved || !in_release) && !input.spec.suspend {
+        plan.command_used = true;
+        if !in_release {
+            plan.transitions.push(ignored("promote", before.phase));
+        }
+    }
+    if observed.command.is_some() && !input.spec.suspend {
+        plan.command_used = true;
+    }
+    plan
+}
+
+fn ignored(command: &str, phase: Option<RolloutPhase>) -> Transition {
+    Transition {
+        warning: true,
+        reason: "CommandIgnored",
+        message: format!(
+            "{command} ignored: nothing to {command} while the rollout is {}",
+            phase
+                .map(|p| format!("{p:?}"))
+                .unwrap_or_else(|| "new".into())
+        ),
+    }
+}
+
+/// Shifts a stamp by the time a user pause lasted, so pauses do not count against deadlines or intervals.
+fn shifted(time: &Option<Time>, by: Duration) -> Option<Time> {
+    time.as_ref().map(|t| {
+        Time(
+            t.0.checked_add(jiff::SignedDuration::try_from(by).unwrap_or_default())
+                .unwrap_or(t.0),
+        )
+    })
+}
+
+fn plan_release(input: PlanInput<'_>) -> Plan {
     let PlanInput {
         spec,
         status,
@@ -167,6 +235,7 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
             desired: None,
             transitions,
             requeue_after,
+            command_used: false,
         };
     }
     let Some(target_revision) = observed.target_revision.clone() else {
@@ -180,6 +249,143 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
             transitions,
             READINESS_POLL,
         );
+    };
+
+    // Manual control first: commands override what the release would do next.
+    let in_release = matches!(
+        status.phase,
+        Some(RolloutPhase::Progressing | RolloutPhase::Paused)
+    );
+    let current = status.revision.as_deref() == Some(target_revision.as_str());
+    if let Some(command) = observed.command {
+        match command {
+            Command::Abort if in_release => {
+                next.paused_at = None;
+                rollback(
+                    &mut next,
+                    now,
+                    "aborted by the user".into(),
+                    &mut transitions,
+                );
+                let desired = steady(&mut next);
+                return finish(
+                    next,
+                    status,
+                    generation,
+                    now,
+                    Some(desired),
+                    transitions,
+                    requeue_after,
+                );
+            }
+            Command::PromoteFull if in_release && current && observed.canary_ready => {
+                next.paused_at = None;
+                let desired = begin_promotion(
+                    &mut next,
+                    now,
+                    "promoted by the user, skipping the remaining analysis",
+                    &mut transitions,
+                );
+                return finish(
+                    next,
+                    status,
+                    generation,
+                    now,
+                    Some(desired),
+                    transitions,
+                    READINESS_POLL,
+                );
+            }
+            Command::Retry
+                if status.phase == Some(RolloutPhase::Failed)
+                    && current
+                    && status.last_promoted_revision.as_deref()
+                        != Some(target_revision.as_str()) =>
+            {
+                transitions.push(Transition {
+                    warning: false,
+                    reason: "Retry",
+                    message: format!("the user asked to release revision {target_revision} again"),
+                });
+                start_release(&mut next, &target_revision, now, spec, &mut transitions);
+                let desired = Desired {
+                    primary_from_target: false,
+                    canary_up: true,
+                    canary_weight: Weight::ZERO,
+                };
+                return finish(
+                    next,
+                    status,
+                    generation,
+                    now,
+                    Some(desired),
+                    transitions,
+                    READINESS_POLL,
+                );
+            }
+            Command::Abort => transitions.push(ignored("abort", status.phase)),
+            Command::PromoteFull if in_release => transitions.push(Transition {
+                warning: true,
+                reason: "CommandIgnored",
+                message:
+                    "promote --full ignored: the canary is not ready yet; try again once it is"
+                        .into(),
+            }),
+            Command::PromoteFull => transitions.push(ignored("promote", status.phase)),
+            Command::Retry => transitions.push(ignored("retry", status.phase)),
+        }
+    }
+    // A user pause holds the release where it is; its timers restart where they stopped on resume.
+    if observed.paused_by_user && in_release && current {
+        if next.paused_at.is_none() {
+            next.paused_at = Some(stamp(now));
+            transitions.push(Transition {
+                warning: false,
+                reason: "PausedByUser",
+                message: format!("paused by the user at {}", status.canary_weight),
+            });
+        }
+        next.message = Some(format!(
+            "paused by the user at {}; `sluice rollout resume` continues",
+            status.canary_weight
+        ));
+        let desired = Desired {
+            primary_from_target: false,
+            canary_up: true,
+            canary_weight: status.canary_weight,
+        };
+        return finish(
+            next,
+            status,
+            generation,
+            now,
+            Some(desired),
+            transitions,
+            Duration::from_secs(300),
+        );
+    }
+    let resumed;
+    let status = match &status.paused_at {
+        Some(paused_at) => {
+            let paused_for = elapsed(Some(paused_at), now);
+            let mut timers = status.clone();
+            timers.paused_at = None;
+            timers.last_progress_time = shifted(&status.last_progress_time, paused_for);
+            timers.stage_started_time = shifted(&status.stage_started_time, paused_for);
+            timers.last_check_time = shifted(&status.last_check_time, paused_for);
+            next.paused_at = None;
+            next.last_progress_time = timers.last_progress_time.clone();
+            next.stage_started_time = timers.stage_started_time.clone();
+            next.last_check_time = timers.last_check_time.clone();
+            transitions.push(Transition {
+                warning: false,
+                reason: "Resumed",
+                message: format!("resumed after a pause of {}s", paused_for.as_secs()),
+            });
+            resumed = timers;
+            &resumed
+        }
+        None => status,
     };
 
     let desired = match status.phase {
@@ -534,6 +740,14 @@ fn progress(
                 wait.max(Duration::from_secs(1)),
             )
         }
+        Stage::Judge(weight) if observed.promote_requested => {
+            transitions.push(Transition {
+                warning: false,
+                reason: "StepPromoted",
+                message: format!("the user promoted the canary past the analysis at {weight}"),
+            });
+            advance(spec, &ladder, step, next, now, transitions)
+        }
         Stage::Judge(weight) => match checks {
             Checks::NotRun => {
                 let since = later_of(
@@ -829,6 +1043,7 @@ fn finish(
         desired,
         transitions,
         requeue_after,
+        command_used: false,
     }
 }
 

@@ -113,6 +113,11 @@ impl World {
             self.observed.canary_ready = desired.canary_up && self.canary_can_be_ready;
         }
         self.status = plan.status.clone();
+        // The controller removes one-shot annotations the plan used.
+        if plan.command_used {
+            self.observed.promote_requested = false;
+            self.observed.command = None;
+        }
         self.log.push((plan.clone(), checks));
         self.now += jiff::SignedDuration::try_from(dt).expect("duration");
         plan
@@ -494,4 +499,155 @@ proptest! {
             "the release must end: {:?} {:?}", world.phase(), world.status.message
         );
     }
+}
+
+fn reasons(world: &World) -> Vec<&'static str> {
+    world
+        .log
+        .iter()
+        .flat_map(|(plan, _)| plan.transitions.iter().map(|t| t.reason))
+        .collect()
+}
+
+#[test]
+fn abort_rolls_back_a_release_in_progress_and_is_used_once() {
+    let mut world = initialized(canary_spec());
+    world.new_revision("r2");
+    world.run(8);
+    assert!(world.status.canary_weight.get() > 0);
+    world.observed.command = Some(Command::Abort);
+    let plan = world.tick(Duration::from_secs(1));
+    assert!(plan.command_used);
+    assert_eq!(world.phase(), Some(RolloutPhase::Failed));
+    assert_eq!(
+        plan.desired.map(|d| (d.canary_up, d.canary_weight.get())),
+        Some((false, 0))
+    );
+    assert!(
+        world
+            .status
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("aborted by the user")
+    );
+    assert_eq!(world.observed.command, None);
+    // Abort when nothing is in progress is refused, visibly, and used up.
+    world.observed.command = Some(Command::Abort);
+    let plan = world.tick(Duration::from_secs(1));
+    assert!(plan.command_used);
+    assert_eq!(
+        plan.transitions.last().map(|t| t.reason),
+        Some("CommandIgnored")
+    );
+    assert_eq!(world.phase(), Some(RolloutPhase::Failed));
+}
+
+#[test]
+fn promote_full_skips_the_remaining_analysis() {
+    let mut world = initialized(canary_spec());
+    world.new_revision("r2");
+    world.run(3);
+    assert_eq!(world.phase(), Some(RolloutPhase::Progressing));
+    let at = world.status.canary_weight.get();
+    world.observed.command = Some(Command::PromoteFull);
+    world.run(5);
+    assert_eq!(world.phase(), Some(RolloutPhase::Succeeded));
+    assert_eq!(world.status.last_promoted_revision.as_deref(), Some("r2"));
+    assert!(
+        world.weights().iter().all(|w| *w <= at),
+        "{:?}",
+        world.weights()
+    );
+}
+
+#[test]
+fn promote_one_step_skips_only_the_current_stage() {
+    let mut world = initialized(canary_spec());
+    world.new_revision("r2");
+    world.run(3);
+    assert_eq!(world.status.canary_weight.get(), 20);
+    world.observed.promote_requested = true;
+    world.tick(Duration::from_secs(1));
+    assert_eq!(world.status.canary_weight.get(), 40);
+    assert!(reasons(&world).contains(&"StepPromoted"));
+    assert!(!world.observed.promote_requested, "used once");
+    // The next stage is judged as usual: with bad metrics it fails.
+    world.health = Health::Bad;
+    world.run(15);
+    assert_eq!(world.phase(), Some(RolloutPhase::Failed));
+}
+
+#[test]
+fn retry_releases_a_failed_revision_again() {
+    let mut world = initialized(canary_spec());
+    world.new_revision("r2");
+    world.health = Health::Bad;
+    world.run(20);
+    assert_eq!(world.phase(), Some(RolloutPhase::Failed));
+    world.run(10);
+    assert_eq!(
+        world.phase(),
+        Some(RolloutPhase::Failed),
+        "a failed revision is not retried by itself"
+    );
+    world.health = Health::Good;
+    world.observed.command = Some(Command::Retry);
+    world.run(40);
+    assert_eq!(world.phase(), Some(RolloutPhase::Succeeded));
+    assert!(reasons(&world).contains(&"Retry"));
+}
+
+#[test]
+fn a_user_pause_holds_the_weight_and_stops_the_clock() {
+    let mut world = initialized(canary_spec());
+    world.new_revision("r2");
+    world.run(3);
+    assert_eq!(world.status.canary_weight.get(), 20);
+    world.observed.paused_by_user = true;
+    // Paused far longer than the 60s progress deadline, with failing metrics: nothing moves or fails.
+    world.health = Health::Bad;
+    for _ in 0..10 {
+        world.tick(Duration::from_secs(30));
+    }
+    assert_eq!(world.phase(), Some(RolloutPhase::Progressing));
+    assert_eq!(world.status.canary_weight.get(), 20);
+    assert!(world.status.paused_at.is_some());
+    assert!(
+        world
+            .log
+            .iter()
+            .rev()
+            .take(10)
+            .all(|(_, checks)| *checks == Checks::NotRun),
+        "no checks while paused"
+    );
+    // Resumed: the deadline counts from where it stopped, so good metrics carry the release through.
+    world.health = Health::Good;
+    world.observed.paused_by_user = false;
+    world.run(40);
+    assert_eq!(world.phase(), Some(RolloutPhase::Succeeded));
+    assert_eq!(world.status.paused_at, None);
+    let reasons = reasons(&world);
+    assert!(
+        reasons.contains(&"PausedByUser") && reasons.contains(&"Resumed"),
+        "{reasons:?}"
+    );
+}
+
+#[test]
+fn promote_outside_a_release_is_refused_and_does_not_linger() {
+    let mut world = initialized(canary_spec());
+    world.observed.promote_requested = true;
+    let plan = world.tick(Duration::from_secs(1));
+    assert!(plan.command_used);
+    assert_eq!(
+        plan.transitions.last().map(|t| t.reason),
+        Some("CommandIgnored")
+    );
+    // The next release is judged normally: a bad canary is not promoted by a stale request.
+    world.new_revision("r2");
+    world.health = Health::Bad;
+    world.run(30);
+    assert_eq!(world.phase(), Some(RolloutPhase::Failed));
 }
