@@ -198,6 +198,9 @@ async fn serve(args: AuthzArgs) -> Result<(), AuthzError> {
     });
     let http = http_listener.map(|listener| {
         let router = crate::authz::http::check_router(authorizer.clone(), &args.http_path_prefix);
+        let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
+            let _ = stream.set_nodelay(true);
+        });
         tokio::spawn(async move { axum::serve(listener, router).await })
     });
     let service = AuthorizationServer::new(CheckService {
@@ -206,7 +209,8 @@ async fn serve(args: AuthzArgs) -> Result<(), AuthzError> {
     let result = tonic::transport::Server::builder()
         .add_service(service)
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(grpc_listener),
+            // Without TCP_NODELAY, small responses wait for delayed ACKs (tens of ms at the tail).
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
             shutdown_signal(),
         )
         .await;

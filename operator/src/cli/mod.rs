@@ -38,6 +38,8 @@ pub enum Command {
         #[command(subcommand)]
         command: rollout::RolloutCommand,
     },
+    /// Run the release planner offline over a metric series and print the timeline.
+    Simulate(SimulateArgs),
     /// Test, evaluate and build Rego policies and OPA bundles.
     Policy {
         #[command(subcommand)]
@@ -77,6 +79,31 @@ pub struct OperatorArgs {
     pub log_format: LogFormat,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct SimulateArgs {
+    /// The Rollout (YAML or JSON; only its spec is used).
+    #[arg(value_name = "ROLLOUT.yaml")]
+    pub rollout: PathBuf,
+    /// Metric series: CSV `time,metric,value,requests` (seconds since the release started) or a JSON array.
+    #[arg(long, value_name = "SERIES")]
+    pub metrics: PathBuf,
+    /// Seconds until the canary is ready.
+    #[arg(long, default_value_t = 0.0)]
+    pub ready_after: f64,
+    /// Stop after this many simulated seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub limit_secs: u64,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = SimulateFormat::Text)]
+    pub format: SimulateFormat,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum SimulateFormat {
+    Text,
+    Json,
+}
+
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -105,6 +132,20 @@ pub enum CliError {
     Authz(#[from] authz::AuthzError),
     #[error("{0}")]
     Rollout(#[from] rollout::RolloutCliError),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a Rollout: {reason}")]
+    BadRollout { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Series {
+        path: PathBuf,
+        #[source]
+        source: crate::rollout::simulate::SeriesError,
+    },
     #[error("no usable Kubernetes configuration (set KUBECONFIG or run in a cluster): {0}")]
     Kubeconfig(#[source] kube::Error),
     #[error("invalid --default-alert-provider {0:?}: expected NAMESPACE/NAME")]
@@ -145,6 +186,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Policy { command } => Ok(policy::run(command)?),
         Command::Rollout { target, command } => Ok(rollout::run(target, command)?),
+        Command::Simulate(args) => simulate(args),
         Command::Authz(args) => {
             authz::run(*args)?;
             Ok(ExitCode::SUCCESS)
@@ -169,6 +211,53 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn simulate(args: SimulateArgs) -> Result<ExitCode, CliError> {
+    use crate::rollout::simulate;
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path).map_err(|source| CliError::Read {
+            path: path.clone(),
+            source,
+        })
+    };
+    let text = read(&args.rollout)?;
+    let document: serde_json::Value =
+        serde_saphyr::from_str(&text).map_err(|e| CliError::BadRollout {
+            path: args.rollout.clone(),
+            reason: e.to_string(),
+        })?;
+    let spec: crate::api::RolloutSpec =
+        serde_json::from_value(document.get("spec").cloned().unwrap_or(document)).map_err(|e| {
+            CliError::BadRollout {
+                path: args.rollout.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+    let series =
+        simulate::parse_series(&read(&args.metrics)?).map_err(|source| CliError::Series {
+            path: args.metrics.clone(),
+            source,
+        })?;
+    let timeline = simulate::simulate(
+        &spec,
+        &series,
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs_f64(args.ready_after.max(0.0)),
+        std::time::Duration::from_secs(args.limit_secs),
+    );
+    let output = match args.format {
+        SimulateFormat::Text => simulate::render(&timeline),
+        SimulateFormat::Json => serde_json::to_string_pretty(&timeline).unwrap_or_default() + "\n",
+    };
+    std::io::stdout()
+        .lock()
+        .write_all(output.as_bytes())
+        .map_err(|source| CliError::Write {
+            path: "<stdout>".into(),
+            source,
+        })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 pub(crate) fn init_logging(format: LogFormat) {

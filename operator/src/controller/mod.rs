@@ -228,7 +228,13 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
             rollout,
             ctx,
             &status,
-            format!("provider {:?}: {why}", rollout.spec.provider),
+            format!(
+                "provider {}: {why}",
+                serde_json::to_value(rollout.spec.provider)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            ),
         )
         .await;
     }

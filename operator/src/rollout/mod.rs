@@ -2,6 +2,7 @@
 //! the desired state of workloads and traffic. No client, no clock, no randomness; the controller does the IO.
 
 mod plan;
+pub mod simulate;
 mod stages;
 
 pub use plan::*;

@@ -26,7 +26,7 @@ impl Router for LinkerdRouter {
     fn unsupported(&self, target: &RouteTarget) -> Option<String> {
         // Linkerd's proxies only read Service parents; a Gateway parent needs a Gateway controller.
         (!target.gateways.is_empty()).then(|| {
-            "Linkerd routes mesh traffic through Service parents only: spec.service.gateways needs a separate Gateway API controller and is not applied with provider linkerd; remove it or use provider gatewayapi".to_owned()
+            "Linkerd routes mesh traffic through Service parents only: spec.service.gateways needs a separate Gateway API controller and is not applied with provider linkerd; remove it and attach the Gateway's own route".to_owned()
         })
     }
 

@@ -88,7 +88,7 @@ impl Router for SmiRouter {
 
     fn unsupported(&self, target: &RouteTarget) -> Option<String> {
         (!target.hosts.is_empty() || !target.gateways.is_empty()).then(|| {
-            "an SMI TrafficSplit only splits the Service inside the mesh: spec.service.hosts and spec.service.gateways cannot be honoured; remove them or use provider istio or gatewayapi".to_owned()
+            "an SMI TrafficSplit only splits the Service inside the mesh: spec.service.hosts and spec.service.gateways cannot be honoured; remove them (on Linkerd, provider linkerd supports hosts)".to_owned()
         })
     }
 
