@@ -158,7 +158,24 @@ impl PrometheusServer {
 
     /// Runs an instant query through the HTTP API and returns its `data` object.
     pub async fn query(&self, promql: &str) -> Result<serde_json::Value, HarnessError> {
-        let path = format!("/api/v1/query?query={}", percent_encode(promql));
+        self.query_path(format!("/api/v1/query?query={}", percent_encode(promql)))
+            .await
+    }
+
+    /// Runs an instant query evaluated at `unix_seconds` (what the query returned then).
+    pub async fn query_at(
+        &self,
+        promql: &str,
+        unix_seconds: f64,
+    ) -> Result<serde_json::Value, HarnessError> {
+        self.query_path(format!(
+            "/api/v1/query?query={}&time={unix_seconds:.3}",
+            percent_encode(promql)
+        ))
+        .await
+    }
+
+    async fn query_path(&self, path: String) -> Result<serde_json::Value, HarnessError> {
         let (status, body) = http_get(self.addr(), &path).await?;
         let json: serde_json::Value =
             serde_json::from_str(&body).map_err(|e| HarnessError::Api {

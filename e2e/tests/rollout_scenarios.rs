@@ -535,6 +535,120 @@ async fn consul_steps_wait_for_the_splitter_to_sync() {
     s.stop().await;
 }
 
+/// `sluice simulate`, fed the series Prometheus recorded during a real release, tells the same story the
+/// operator lived: the same weights, the same outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn simulate_agrees_with_the_operator_on_the_same_series() {
+    let analysis = json!({
+        "interval": "3s", "threshold": 1, "stepWeight": 20, "maxWeight": 60,
+        "metrics": [{"name": "request-success-rate", "thresholdRange": {"min": 99}, "interval": "3s", "minRequests": 5}]
+    });
+    let s = Scenario::start(Provider::Istio, analysis.clone(), 60).await;
+    let released = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    s.release("podinfo:2", json!({})).await;
+    s.wait_for_weight(40, Duration::from_secs(30)).await;
+    // Errors start just after the 40% step began, well before its check 3s later.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.mesh.set("podinfo", NS, ERRORING);
+    s.wait_for_phase(RolloutPhase::Failed, Duration::from_secs(30))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lived = s.weight_sequence();
+
+    // The series the operator's queries saw, second by second since the release.
+    let ctx = sluice::metrics::QueryContext {
+        namespace: NS.into(),
+        target: "podinfo".into(),
+        service: "podinfo".into(),
+        interval: "3s".into(),
+        variables: Default::default(),
+    };
+    let queries =
+        sluice::metrics::builtin(Provider::Istio, "request-success-rate", &ctx).expect("builtin");
+    let ended = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let mut csv = String::from("time,metric,value,requests\n");
+    let first = |data: Value| {
+        data.pointer("/result/0/value/1")
+            .and_then(Value::as_str)
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    let mut t = 0.0;
+    while released + t <= ended {
+        let value = first(
+            s.prometheus
+                .query_at(&queries.value, released + t)
+                .await
+                .expect("query"),
+        );
+        let requests = match &queries.requests {
+            Some(q) => first(s.prometheus.query_at(q, released + t).await.expect("query")),
+            None => None,
+        };
+        let field = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
+        csv.push_str(&format!(
+            "{t},request-success-rate,{},{}\n",
+            field(value),
+            field(requests)
+        ));
+        t += 1.0;
+    }
+    let series = s.dir.path().join("series.csv");
+    std::fs::write(&series, &csv).expect("series written");
+    let rollout = s.dir.path().join("rollout.yaml");
+    std::fs::write(&rollout, rollout_yaml(&analysis)).expect("rollout written");
+    let output = std::process::Command::new(sluice_e2e::harness::sluice_binary().expect("sluice"))
+        .arg("simulate")
+        .arg(&rollout)
+        .arg("--metrics")
+        .arg(&series)
+        .output()
+        .expect("sluice simulate runs");
+    let timeline = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{timeline}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    println!("{timeline}");
+    assert!(timeline.contains("ROLLED BACK"), "{timeline}");
+    let simulated: Vec<u8> = timeline
+        .lines()
+        .last()
+        .and_then(|l| l.split("canary weights: ").nth(1))
+        .map(|w| {
+            w.split(" -> ")
+                .filter_map(|x| x.trim_end_matches('%').parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        simulated, lived,
+        "simulate vs the operator\n{timeline}\nseries:\n{csv}"
+    );
+    s.stop().await;
+}
+
+fn rollout_yaml(analysis: &Value) -> String {
+    json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "Rollout",
+        "metadata": {"name": "podinfo", "namespace": NS},
+        "spec": {
+            "targetRef": {"kind": "Deployment", "name": "podinfo"},
+            "service": {"port": 9898},
+            "progressDeadlineSeconds": 60,
+            "analysis": analysis,
+        }
+    })
+    .to_string()
+}
+
 /// Runs `kubectl sluice ARGS` through the real kubectl, which finds the `kubectl-sluice` plugin on PATH.
 fn kubectl_sluice(kubeconfig: &std::path::Path, args: &[&str]) -> std::process::Output {
     let binary = sluice_e2e::harness::sluice_binary().expect("sluice binaries");
