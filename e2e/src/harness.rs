@@ -199,12 +199,16 @@ pub fn sluice_binary() -> std::io::Result<PathBuf> {
     static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
-            // Test executables live in target/<profile>/deps; binaries one level up.
+            // Test executables live in target/<profile>/deps, binaries (the demo) in target/<profile>.
             let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-            let profile_dir = exe
+            let parent = exe
                 .parent()
-                .and_then(Path::parent)
                 .ok_or_else(|| "cannot locate the target directory".to_owned())?;
+            let profile_dir = if parent.ends_with("deps") {
+                parent.parent().unwrap_or(parent)
+            } else {
+                parent
+            };
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = Command::new(cargo)
                 .args(["build", "--quiet", "-p", "sluice", "--bins"])
