@@ -382,9 +382,14 @@ fn parse_constraints(v: &Value) -> Result<Constraints> {
             "iss" => c.iss = Some(s()?),
             "aud" => c.aud = Some(s()?),
             "time" => {
-                c.time_ns = val.as_f64().map_err(|_| {
-                    JwtError::Argument("token constraint time must be a number".into())
-                })?;
+                // Nanoseconds exceed f64's exact integers: read integers as integers first.
+                c.time_ns = val
+                    .as_i64()
+                    .map(|n| n as f64)
+                    .or_else(|_| val.as_f64())
+                    .map_err(|_| {
+                        JwtError::Argument("token constraint time must be a number".into())
+                    })?;
             }
             other => {
                 return Err(JwtError::Argument(format!(
@@ -426,8 +431,10 @@ fn decode_verify(args: &[Value]) -> Result<Value> {
     if c.alg.as_deref().is_some_and(|want| want != alg_name) {
         return Ok(unverified());
     }
-    let alg = Algorithm::from_str(alg_name)
-        .map_err(|_| JwtError::Malformed(format!("unknown JWS algorithm: {alg_name}")))?;
+    // Like OPA: a token whose algorithm cannot be verified (`none`, unknown) is not valid, not an error.
+    let Ok(alg) = Algorithm::from_str(alg_name) else {
+        return Ok(unverified());
+    };
     let keys = match (family(alg), &c.secret, &c.keys) {
         (Family::Hmac, Some(secret), _) => vec![Key {
             kid: None,
