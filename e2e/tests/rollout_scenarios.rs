@@ -649,6 +649,99 @@ fn rollout_yaml(analysis: &Value) -> String {
     .to_string()
 }
 
+/// A Rego gate (`analysis.policies`) holds a healthy canary until the rollout is approved, says why in the
+/// status and an Event, then lets it through with an audit Event for every move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rego_gate_holds_until_approved_then_allows() {
+    let mut analysis = canary_analysis(2);
+    analysis["policies"] = json!([{"name": "approval", "configMapRef": {"name": "gate"}}]);
+    let s = Scenario::start(Provider::Istio, analysis, 30).await;
+    let gate = r#"package sluice.rollout.gate
+
+default allow := false
+
+allow if count(deny) == 0
+
+deny contains "needs an approval: annotate the rollout with sluice.dev/approved-by" if {
+	not input.rollout.annotations["sluice.dev/approved-by"]
+}
+"#;
+    Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(s.client.clone(), NS)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "gate", "namespace": NS},
+                "data": {"gate.rego": gate},
+            }))
+            .expect("configmap"),
+        )
+        .await
+        .expect("gate ConfigMap created");
+    s.release("podinfo:2", json!({})).await;
+    s.wait_for_weight(20, Duration::from_secs(20)).await;
+    // Healthy metrics alone would have moved on within a few seconds: the gate holds it.
+    let started = Instant::now();
+    let message = loop {
+        let message = s
+            .rollout()
+            .await
+            .status
+            .and_then(|st| st.message)
+            .unwrap_or_default();
+        if message.starts_with("held at 20% by policy approval") {
+            break message;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never held: {message}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(message.contains("sluice.dev/approved-by"), "{message}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        s.weight_sequence().iter().max(),
+        Some(&20),
+        "{:?}",
+        s.weight_sequence()
+    );
+
+    Api::<Rollout>::namespaced(s.client.clone(), NS)
+        .patch(
+            "podinfo",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"sluice.dev/approved-by": "alice"}}}),
+            ),
+        )
+        .await
+        .expect("approved");
+    s.wait_for_phase(RolloutPhase::Succeeded, Duration::from_secs(30))
+        .await;
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(s.client.clone(), NS)
+        .list(&Default::default())
+        .await
+        .expect("events");
+    // kube's event recorder folds repeats into one Event series, so look at reasons, not counts.
+    let reasons: Vec<String> = events
+        .items
+        .iter()
+        .filter_map(|e| e.reason.clone())
+        .collect();
+    assert!(
+        reasons.contains(&"PromotionDenied".to_owned()),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&"PromotionAllowed".to_owned()),
+        "{reasons:?}"
+    );
+    let climbed: Vec<u8> = s.weight_sequence().into_iter().filter(|w| *w > 0).collect();
+    assert_eq!(climbed, vec![20, 40, 60], "every step after the approval");
+    s.stop().await;
+}
+
 /// Runs `kubectl sluice ARGS` through the real kubectl, which finds the `kubectl-sluice` plugin on PATH.
 fn kubectl_sluice(kubeconfig: &std::path::Path, args: &[&str]) -> std::process::Output {
     let binary = sluice_e2e::harness::sluice_binary().expect("sluice binaries");

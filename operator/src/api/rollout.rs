@@ -185,6 +185,47 @@ pub struct Analysis {
     /// Where this Rollout's notifications go.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alerts: Vec<super::RolloutAlert>,
+    /// Rego policies that must allow each weight increase and the promotion, after the metrics passed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<PromotionPolicy>,
+}
+
+/// A Rego gate: its modules are every `*.rego` key of a ConfigMap in the Rollout's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PromotionPolicy {
+    /// Shown in status and Events.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// ConfigMap holding the modules (and their `test_*` rules, which are not run here).
+    pub config_map_ref: PolicyConfigMapRef,
+    /// Decision that must be `true`; the `deny` set beside it (same package) gives the reasons.
+    #[serde(default = "default_gate_query")]
+    #[schemars(regex(pattern = r"^data(\.[A-Za-z_][A-Za-z0-9_]*)+$"))]
+    pub query: String,
+    /// What a denial does: `hold` the step (default) or `rollback`.
+    #[serde(default)]
+    pub on_deny: DenyAction,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyConfigMapRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+fn default_gate_query() -> String {
+    "data.sluice.rollout.gate.allow".to_owned()
+}
+
+/// What a Rego gate's denial does.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum DenyAction {
+    #[default]
+    Hold,
+    Rollback,
 }
 
 fn default_threshold() -> u32 {

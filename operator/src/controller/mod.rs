@@ -3,6 +3,7 @@
 //! only what differs, with one field manager.
 
 pub mod authz;
+pub mod gate;
 pub mod outbox;
 pub mod workload;
 
@@ -240,7 +241,7 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
     }
 
     let (promote_requested, command, paused_by_user) = manual_control(rollout.annotations());
-    let observed = Observed {
+    let mut observed = Observed {
         target_revision: target.as_ref().and_then(workload::template_revision),
         primary_revision: primary.as_ref().and_then(workload::primary_revision),
         canary_ready: target.as_ref().is_some_and(workload::is_ready),
@@ -248,6 +249,7 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
         promote_requested,
         command,
         paused_by_user,
+        gate: None,
     };
     let now = jiff::Timestamp::now();
     // A step is judged only once the mesh applies its split: until Consul reports the splitter Synced,
@@ -261,6 +263,12 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
     };
     if let Checks::Ran(verdicts) = &checks {
         verdicts.iter().for_each(|v| ctx.telemetry.check(v.verdict));
+        // The gates are asked only when the metrics would let the release move on.
+        if !rollout.spec.analysis.policies.is_empty()
+            && verdicts.iter().all(|v| v.verdict == Verdict::Pass)
+        {
+            observed.gate = Some(gate::ask_gates(&ctx.client, rollout, verdicts).await);
+        }
     }
     let generation = rollout.metadata.generation.unwrap_or(0);
     let plan = plan(PlanInput {

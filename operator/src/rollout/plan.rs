@@ -29,6 +29,21 @@ pub struct Observed {
     pub command: Option<Command>,
     /// `sluice rollout pause` is in effect (until `resume`).
     pub paused_by_user: bool,
+    /// What the Rego gates (`analysis.policies`) said about the next move, evaluated with the checks.
+    pub gate: Option<Gate>,
+}
+
+/// The answer of the Rego gates, asked after the metrics of a step passed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Gate {
+    /// Every policy allowed; their names, for the audit trail.
+    Allowed(Vec<String>),
+    /// A policy denied (or could not be evaluated, which denies: gates fail closed).
+    Denied {
+        policy: String,
+        reasons: Vec<String>,
+        rollback: bool,
+    },
 }
 
 /// One-shot commands users give through `sluice rollout` / annotations; each is used once.
@@ -662,8 +677,12 @@ fn progress(
             READINESS_POLL,
         );
     }
-    // The deadline counts from the last progress; pauses are waits the user asked for.
-    if !paused && since_progress > deadline(spec) {
+    // The deadline counts from the last progress; pauses and gate holds are waits the user asked for.
+    let held_by_gate = status
+        .message
+        .as_deref()
+        .is_some_and(|m| m.starts_with("held at ") && m.contains(" by policy "));
+    if !paused && !held_by_gate && since_progress > deadline(spec) {
         let why = if !observed.canary_ready {
             format!(
                 "the canary did not become ready within {}s",
@@ -785,6 +804,7 @@ fn progress(
                 step,
                 weight,
                 verdicts,
+                observed.gate.as_ref(),
                 next,
                 now,
                 transitions,
@@ -807,6 +827,7 @@ fn judge(
     step: usize,
     weight: Weight,
     verdicts: &[MetricVerdict],
+    gate: Option<&Gate>,
     next: &mut RolloutStatus,
     now: Timestamp,
     transitions: &mut Vec<Transition>,
@@ -874,6 +895,55 @@ fn judge(
     }
     if spec.analysis.failure_counting == FailureCounting::Consecutive {
         next.failed_checks = 0;
+    }
+    match gate {
+        Some(Gate::Denied {
+            policy,
+            reasons,
+            rollback: true,
+        }) => {
+            let why = format!(
+                "policy {policy} denied the promotion: {}",
+                reasons.join("; ")
+            );
+            self::rollback(next, now, why, transitions);
+            return (
+                Desired {
+                    primary_from_target: false,
+                    canary_up: false,
+                    canary_weight: Weight::ZERO,
+                },
+                interval,
+            );
+        }
+        Some(Gate::Denied {
+            policy, reasons, ..
+        }) => {
+            let message = format!(
+                "held at {weight} by policy {policy}: {}",
+                reasons.join("; ")
+            );
+            // One Event per new reason, not one per check.
+            if next.message.as_deref() != Some(message.as_str()) {
+                transitions.push(Transition {
+                    warning: true,
+                    reason: "PromotionDenied",
+                    message: message.clone(),
+                });
+            }
+            next.message = Some(message);
+            return (running, interval);
+        }
+        Some(Gate::Allowed(policies)) => transitions.push(Transition {
+            warning: false,
+            reason: "PromotionAllowed",
+            message: format!(
+                "{} allowed moving on from {weight} at {}",
+                policies.join(", "),
+                now
+            ),
+        }),
+        None => {}
     }
     next.iterations += 1;
     advance(spec, ladder, step, next, now, transitions)

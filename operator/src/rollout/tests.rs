@@ -651,3 +651,63 @@ fn promote_outside_a_release_is_refused_and_does_not_linger() {
     world.run(30);
     assert_eq!(world.phase(), Some(RolloutPhase::Failed));
 }
+
+#[test]
+fn a_denying_gate_holds_the_step_with_its_reasons_then_allows() {
+    let mut world = initialized(canary_spec());
+    world.new_revision("r2");
+    world.observed.gate = Some(Gate::Denied {
+        policy: "change-control".into(),
+        reasons: vec!["namespace shop is production: annotate the rollout".into()],
+        rollback: false,
+    });
+    world.run(120);
+    assert_eq!(world.phase(), Some(RolloutPhase::Progressing));
+    assert_eq!(
+        world.status.canary_weight.get(),
+        20,
+        "held at the first step"
+    );
+    let message = world.status.message.clone().unwrap_or_default();
+    assert!(
+        message.starts_with("held at 20% by policy change-control"),
+        "{message}"
+    );
+    assert_eq!(
+        reasons(&world)
+            .iter()
+            .filter(|r| **r == "PromotionDenied")
+            .count(),
+        1,
+        "one Event for the denial, not one per check"
+    );
+    world.observed.gate = Some(Gate::Allowed(vec!["change-control".into()]));
+    world.run(60);
+    assert_eq!(world.phase(), Some(RolloutPhase::Succeeded));
+    let allowed = reasons(&world)
+        .iter()
+        .filter(|r| **r == "PromotionAllowed")
+        .count();
+    assert_eq!(
+        allowed, 3,
+        "every move is on the audit trail: 20→40, 40→60, 60→promotion"
+    );
+}
+
+#[test]
+fn a_gate_that_says_rollback_rolls_back() {
+    let mut world = initialized(canary_spec());
+    world.new_revision("r2");
+    world.observed.gate = Some(Gate::Denied {
+        policy: "freeze".into(),
+        reasons: vec!["change freeze".into()],
+        rollback: true,
+    });
+    world.run(20);
+    assert_eq!(world.phase(), Some(RolloutPhase::Failed));
+    let message = world.status.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("policy freeze denied the promotion: change freeze"),
+        "{message}"
+    );
+}
