@@ -36,7 +36,6 @@ missing library, 3 when a query fails to evaluate. Only the standard library and
 
 import argparse
 import base64
-import ctypes
 import fnmatch
 import gzip
 import hashlib
@@ -49,93 +48,30 @@ import sys
 import tarfile
 from pathlib import Path
 
-LIB_ENV = "OPA_BRIDGE_LIB"
+from opa_reference import LIB_ENV  # noqa: E402,F401  (help text)
 
 
 class Refused(Exception):
     """OPA would refuse the bundle: the message is OPA's (or as close as the replayed step allows)."""
 
 
-class OpaFailure(Exception):
-    pass
-
-
 # ----------------------------------------------------------------------------------------------------------- OPA ---
 
+# The ctypes binding and library lookup are opa_reference.py's (same directory); this tool adds raw-JSON input.
+from opa_reference import Opa as _Opa, OpaFailure, find_library  # noqa: E402
 
-class Opa:
-    def __init__(self, lib_path):
-        lib = ctypes.CDLL(str(lib_path))
-        lib.OpaNew.restype = ctypes.c_uint64
-        lib.OpaNew.argtypes = []
-        lib.OpaDestroy.restype = None
-        lib.OpaDestroy.argtypes = [ctypes.c_uint64]
-        lib.OpaFreeString.restype = None
-        lib.OpaFreeString.argtypes = [ctypes.c_void_p]
-        for name in ("OpaAddPolicy", "OpaAddData"):
-            fn = getattr(lib, name)
-            fn.restype = ctypes.c_void_p
-            fn.argtypes = [ctypes.c_uint64, ctypes.c_char_p, ctypes.c_char_p]
-        lib.OpaEvalQuery.restype = ctypes.c_void_p
-        lib.OpaEvalQuery.argtypes = [ctypes.c_uint64, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
-        self.lib = lib
-        self.handle = lib.OpaNew()
 
-    def close(self):
-        if self.handle is not None:
-            self.lib.OpaDestroy(self.handle)
-            self.handle = None
-
-    def _call(self, fn, *args):
-        ptr = fn(self.handle, *args)
-        if not ptr:
-            raise OpaFailure("native call returned NULL")
-        try:
-            raw = ctypes.string_at(ptr)
-        finally:
-            self.lib.OpaFreeString(ptr)
-        envelope = json.loads(raw)
-        err = envelope.get("error")
-        if err:
-            raise OpaFailure(f"{err.get('code', 'error')}: {err.get('message', '')}")
-        return envelope
-
-    def add_policy(self, name, source):
-        self._call(self.lib.OpaAddPolicy, name.encode(), source.encode())
-
+class Opa(_Opa):
     def add_data_json(self, text, path=""):
         self._call(self.lib.OpaAddData, path.encode(), text.encode())
 
     def value(self, ref, input_value=None, input_json=None):
         """Value of an expression (None when undefined). input_json: raw JSON text for the input, kept as written."""
-        if input_json is not None:
-            encoded = input_json.encode()
-        else:
-            encoded = b"" if input_value is None else json.dumps(input_value).encode()
-        env = self._call(self.lib.OpaEvalQuery, f"__x := {ref}".encode(), encoded, 0, 0)
+        if input_json is None:
+            return super().value(ref, input_value)
+        env = self._call(self.lib.OpaEvalQuery, f"__x := {ref}".encode(), input_json.encode(), 0, 0)
         rs = env.get("result") or []
         return rs[0]["bindings"]["__x"] if rs else None
-
-
-def find_library(arg):
-    candidate = arg or os.environ.get(LIB_ENV)
-    if not candidate:
-        sys.stderr.write(
-            f"error: no OPA library given: pass --lib PATH or set {LIB_ENV} to libopabridge.so from the unpacked "
-            "opa-golib-python-bindings wheel (see policies/README.md, 'Reference results from OPA')\n")
-        sys.exit(2)
-    path = Path(candidate)
-    if path.is_dir():
-        for guess in (path / "libopabridge.so", path / "opa_bindings" / "libopabridge.so"):
-            if guess.is_file():
-                path = guess
-                break
-    if not path.is_file():
-        sys.stderr.write(
-            f"error: OPA library not found at {path}: download and unzip the opa-golib-python-bindings wheel "
-            "(see policies/README.md, 'Reference results from OPA')\n")
-        sys.exit(2)
-    return path
 
 
 # --------------------------------------------------------------------- JSON as OPA's Go code reads and hashes it ---

@@ -127,11 +127,17 @@ class Opa:
 
 
 def find_library(arg):
+    """libopabridge.so from --lib or $OPA_BRIDGE_LIB (the file, or the unpacked wheel); exits 2 when missing."""
+
+    def missing(message):
+        sys.stderr.write(f"error: {message} (see policies/README.md, 'Reference results from OPA')\n")
+        sys.exit(2)
+
     candidate = arg or os.environ.get(LIB_ENV)
     if not candidate:
-        sys.exit(
-            f"error: no OPA library given: pass --lib PATH or set {LIB_ENV} to libopabridge.so from the unpacked "
-            "opa-golib-python-bindings wheel (see policies/README.md, 'Reference results from OPA')"
+        missing(
+            f"no OPA library given: pass --lib PATH or set {LIB_ENV} to libopabridge.so from the unpacked "
+            "opa-golib-python-bindings wheel"
         )
     path = Path(candidate)
     if path.is_dir():  # the unpacked wheel, or its opa_bindings folder
@@ -140,10 +146,7 @@ def find_library(arg):
                 path = guess
                 break
     if not path.is_file():
-        sys.exit(
-            f"error: OPA library not found at {path}: download and unzip the opa-golib-python-bindings wheel "
-            "(see policies/README.md, 'Reference results from OPA')"
-        )
+        missing(f"OPA library not found at {path}: download and unzip the opa-golib-python-bindings wheel")
     return path
 
 

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use thiserror::Error;
 
 use crate::policy::Module;
-use crate::policy::bundle::{Bundle, BundleError, LoadOptions};
+use crate::policy::bundle::{Bundle, BundleError, LoadOptions, merge_objects};
 use crate::policy::engine::{Limits, PolicyEngine};
 use crate::policy::signing::{SigningAlgorithm, SigningKey, VerificationKey};
 use crate::policy::testing::{Outcome, run_tests};
@@ -116,6 +116,10 @@ pub enum PolicyCliError {
     },
     #[error("{path} is not valid JSON or YAML: {reason}")]
     Input { path: PathBuf, reason: String },
+    #[error(
+        "{path}: data.{at} is already defined by another path; data documents may only add keys"
+    )]
+    DataConflict { path: PathBuf, at: String },
     #[error("invalid --run regular expression: {0}")]
     Filter(#[from] regex::Error),
     #[error("{0}")]
@@ -146,12 +150,24 @@ pub fn run(command: PolicyCommand) -> Result<ExitCode, PolicyCliError> {
 /// Loads files and directories the way `opa test` does: modules from `.rego` files, data files by directory.
 fn load_sources(paths: &[PathBuf]) -> Result<(Vec<Module>, serde_json::Value), PolicyCliError> {
     let mut modules = Vec::new();
-    let mut data = serde_json::json!({});
+    let mut data = serde_json::Map::new();
+    // Data from several paths merges like OPA's: objects combine, any other overlap is an error.
+    let mut add = |path: &Path, document: serde_json::Value| match document {
+        serde_json::Value::Object(document) => merge_objects(&mut data, document, &mut Vec::new())
+            .map_err(|at| PolicyCliError::DataConflict {
+                path: path.to_owned(),
+                at: at.join("."),
+            }),
+        _ => Err(PolicyCliError::Input {
+            path: path.to_owned(),
+            reason: "a data document must be a JSON object".into(),
+        }),
+    };
     for path in paths {
         if path.is_dir() {
             let bundle = Bundle::from_dir(path, &LoadOptions::default())?;
             modules.extend(bundle.modules);
-            merge(&mut data, bundle.data);
+            add(path, bundle.data)?;
         } else {
             let source = read_to_string(path)?;
             if path.extension().is_some_and(|e| e == "rego") {
@@ -160,28 +176,11 @@ fn load_sources(paths: &[PathBuf]) -> Result<(Vec<Module>, serde_json::Value), P
                     source,
                 });
             } else {
-                merge(&mut data, parse_document(path, &source)?);
+                add(path, parse_document(path, &source)?)?;
             }
         }
     }
-    Ok((modules, data))
-}
-
-/// Deep-merges `from` into `into`; objects merge, anything else replaces.
-fn merge(into: &mut serde_json::Value, from: serde_json::Value) {
-    match (into, from) {
-        (serde_json::Value::Object(into), serde_json::Value::Object(from)) => {
-            for (key, value) in from {
-                match into.get_mut(&key) {
-                    Some(existing) => merge(existing, value),
-                    None => {
-                        into.insert(key, value);
-                    }
-                }
-            }
-        }
-        (into, from) => *into = from,
-    }
+    Ok((modules, serde_json::Value::Object(data)))
 }
 
 fn read_bytes(path: &Path) -> Result<Vec<u8>, PolicyCliError> {
@@ -346,4 +345,38 @@ fn build(args: BuildArgs) -> Result<ExitCode, PolicyCliError> {
         bundle.modules.len()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_from_several_paths_merges_and_conflicts_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let roles = write("roles.json", r#"{"roles": {"admin": ["GET"]}}"#);
+        let more = write("more.yaml", "roles:\n  viewer: [GET]\nlimits: {rps: 10}\n");
+        let module = write("p.rego", "package p\n\nx := 1\n");
+        let (modules, data) = load_sources(&[roles.clone(), more, module]).unwrap();
+        assert_eq!(modules.len(), 1);
+        assert_eq!(
+            data,
+            serde_json::json!({"roles": {"admin": ["GET"], "viewer": ["GET"]}, "limits": {"rps": 10}})
+        );
+        let clash = write("clash.json", r#"{"roles": {"admin": ["POST"]}}"#);
+        match load_sources(&[roles, clash]) {
+            Err(PolicyCliError::DataConflict { at, .. }) => assert_eq!(at, "roles.admin"),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        let scalar = write("scalar.json", "3");
+        assert!(matches!(
+            load_sources(&[scalar]),
+            Err(PolicyCliError::Input { .. })
+        ));
+    }
 }
