@@ -94,6 +94,8 @@ fn default_apps_v1() -> String {
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TargetKind {
     Deployment,
+    /// A StatefulSet: its primary is a clone with its own volumes (see docs/rollouts.md#statefulsets).
+    StatefulSet,
 }
 
 /// The Service Sluice generates for the target and the hosts the route answers for.
@@ -147,6 +149,10 @@ pub enum Provider {
     validation = Rule::new("!has(self.steps) || !(has(self.stepWeight) || has(self.stepWeights))").message("steps replaces stepWeight/stepWeights: set only one way of moving traffic"),
     validation = Rule::new("!has(self.stepWeight) || !has(self.maxWeight) || self.maxWeight >= self.stepWeight").message("maxWeight must be greater than or equal to stepWeight"),
     validation = Rule::new("!has(self.stepWeights) || !has(self.maxWeight) || self.stepWeights.all(w, w <= self.maxWeight)").message("every stepWeights entry must be at most maxWeight"),
+    validation = Rule::new("!has(self.match) || size(self.match) == 0 || !(has(self.stepWeight) || has(self.stepWeights) || has(self.steps))").message("match makes this an A/B test, which routes by request and not by weight: remove stepWeight/stepWeights/steps, or remove match for a weighted canary"),
+    validation = Rule::new("!has(self.mirror) || !self.mirror || !(has(self.stepWeight) || has(self.stepWeights) || has(self.steps) || (has(self.match) && size(self.match) > 0))").message("mirror is for blue-green (iterations only): remove stepWeight/stepWeights/steps/match, or set mirror: false"),
+    validation = Rule::new("!has(self.mirrorWeight) || (has(self.mirror) && self.mirror)").message("mirrorWeight needs mirror: true"),
+    validation = Rule::new("!has(self.sessionAffinity) || has(self.stepWeight) || has(self.stepWeights) || has(self.steps)").message("sessionAffinity keeps users on the version a weighted canary sent them to: it needs stepWeight, stepWeights or steps"),
 )]
 pub struct Analysis {
     /// Time between two checks (at least 1s).
@@ -188,6 +194,161 @@ pub struct Analysis {
     /// Rego policies that must allow each weight increase and the promotion, after the metrics passed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<PromotionPolicy>,
+    /// A/B test: requests matching any entry go to the canary for `iterations` checks; the rest stay on
+    /// the primary. Entries are tried in order.
+    #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub match_: Vec<HttpMatch>,
+    /// Blue-green: copy live requests to the canary while it is analysed (its responses are discarded).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mirror: bool,
+    /// Percentage of requests mirrored (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("mirrorWeight must be at least 1"))]
+    pub mirror_weight: Option<Weight>,
+    /// Weighted canary: a user the canary served keeps being sent to it, through a cookie.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity: Option<SessionAffinity>,
+    /// HTTP hooks called at fixed points of a release (Flagger's webhooks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub webhooks: Vec<Webhook>,
+}
+
+/// One A/B match: every condition in it must hold (header and cookie conditions are ANDed).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("(has(self.headers) && size(self.headers) > 0) || has(self.cookie)").message("a match needs headers or a cookie"),
+    validation = Rule::new("!has(self.cookie) || !has(self.headers) || !self.headers.exists(h, h == 'cookie' || h == 'Cookie' || h == 'COOKIE')").message("use either cookie or a headers.cookie condition, not both"),
+)]
+pub struct HttpMatch {
+    /// Request headers (names are case-insensitive) and how each value must match.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schemars(length(max = 16))]
+    pub headers: std::collections::BTreeMap<String, StringMatch>,
+    /// A cookie that must be present with this exact value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<CookieMatch>,
+}
+
+/// How a header value must match; exactly one of the three.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.exact) ? 1 : 0) + (has(self.prefix) ? 1 : 0) + (has(self.regex) ? 1 : 0) == 1").message("a header match sets exactly one of exact, prefix or regex"))]
+pub struct StringMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    /// RE2 syntax, matched against the whole value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub regex: Option<String>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CookieMatch {
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+    )]
+    pub name: String,
+    #[schemars(
+        length(max = 1024),
+        regex(pattern = r"^[!#$%&'()*+\-./0-9:<=>?@A-Z\[\]^_`a-z{|}~]*$")
+    )]
+    pub value: String,
+}
+
+/// Cookie-based stickiness during a weighted canary (Flagger's `sessionAffinity`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionAffinity {
+    /// Cookie set on responses from the canary; requests carrying it go to the canary.
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+    )]
+    pub cookie_name: String,
+    /// Cookie set on responses from the primary so those users stay on the primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+    )]
+    pub primary_cookie_name: Option<String>,
+    /// Cookie lifetime in seconds (default one day).
+    #[serde(default = "default_max_age")]
+    #[schemars(range(min = 1))]
+    pub max_age: u32,
+}
+
+fn default_max_age() -> u32 {
+    86_400
+}
+
+/// An HTTP hook (Flagger-compatible). Sluice POSTs a JSON payload; any 2xx answer means yes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Webhook {
+    /// Shown in status, Events and the payload.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// When the hook is called and what its answer does.
+    #[serde(default, rename = "type")]
+    pub type_: WebhookType,
+    /// `http://` or `https://` URL.
+    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("url must start with http:// or https://"))]
+    pub url: String,
+    /// Time allowed for one attempt (default 10s, at most 5m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('5m')").message("timeout must be between 1s and 5m"))]
+    pub timeout: Option<DurationString>,
+    /// Extra attempts after a failed one (non-2xx, timeout, connection error), one second apart.
+    #[serde(default)]
+    #[schemars(range(max = 10))]
+    pub retries: u32,
+    /// Sent as the payload's `metadata`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+/// When a webhook is called (Flagger's types).
+#[derive(
+    JsonSchema,
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Default,
+    Hash,
+    PartialOrd,
+    Ord,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum WebhookType {
+    /// Before a new revision starts: until it answers 2xx, the release does not start.
+    ConfirmRollout,
+    /// Once the canary is ready, before it gets traffic: a failure rolls the release back.
+    PreRollout,
+    /// With every check: a failure counts as a failed check.
+    #[default]
+    Rollout,
+    /// Before each weight increase: until it answers 2xx, the step holds.
+    ConfirmTrafficIncrease,
+    /// Before promotion: until it answers 2xx, the release holds at its last step.
+    ConfirmPromotion,
+    /// After a promotion or a rollback; its answer is only logged.
+    PostRollout,
+    /// With every check: a 2xx answer rolls the release back (a manual rollback switch).
+    Rollback,
+    /// On every transition (an Event), with the message in `metadata`; its answer is only logged.
+    Event,
 }
 
 /// A Rego gate: its modules are every `*.rego` key of a ConfigMap in the Rollout's namespace.

@@ -88,7 +88,7 @@ pub async fn ask_gates(client: &Client, rollout: &Rollout, verdicts: &[MetricVer
     let mut allowed = Vec::new();
     for policy in &rollout.spec.analysis.policies {
         let denied = |reasons: Vec<String>| Gate::Denied {
-            policy: policy.name.clone(),
+            by: format!("policy {}", policy.name),
             reasons,
             rollback: policy.on_deny == DenyAction::Rollback,
         };
@@ -119,7 +119,7 @@ pub async fn ask_gates(client: &Client, rollout: &Rollout, verdicts: &[MetricVer
         let result =
             tokio::task::spawn_blocking(move || evaluate(&policy_owned, &modules, &input)).await;
         match result {
-            Ok(Ok((true, _))) => allowed.push(policy.name.clone()),
+            Ok(Ok((true, _))) => allowed.push(format!("policy {}", policy.name)),
             Ok(Ok((false, reasons))) => return denied(reasons),
             Ok(Err(error)) => {
                 return denied(vec![format!("the policy cannot be evaluated: {error}")]);

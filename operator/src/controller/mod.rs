@@ -32,7 +32,7 @@ use crate::metrics::{Prometheus, QueryContext};
 use crate::notify::{Deliverer, Notification, Severity, Sink};
 use crate::rollout::{Checks, Desired, Observed, PlanInput, checks_due, plan, set_condition};
 use crate::telemetry::Telemetry;
-use crate::traffic::{RouteTarget, Split, router_for};
+use crate::traffic::{CanaryRoutes, RouteTarget, Split, router_for};
 use workload::Names;
 
 /// Finalizer that lets Sluice hand traffic back to the user's workload before a Rollout goes away.
@@ -250,6 +250,7 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
         command,
         paused_by_user,
         gate: None,
+        hooks: Default::default(),
     };
     let now = jiff::Timestamp::now();
     // A step is judged only once the mesh applies its split: until Consul reports the splitter Synced,
@@ -591,7 +592,8 @@ async fn converge(
     let routes: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), &names.namespace, &resource);
     let route_target = route_target(rollout, names, owner.clone());
-    let split = Split::with_canary(desired.canary_weight);
+    let split = Split::with_canary(desired.canary_weight)
+        .with_experiment(desired.experiment && !route_target.canary_routes.is_empty());
     let live_route = routes.get_opt(&names.service).await?;
     let live_split = live_route
         .as_ref()
@@ -632,6 +634,24 @@ fn route_target(rollout: &Rollout, names: &Names, owner: OwnerReference) -> Rout
         hosts: rollout.spec.service.hosts.clone(),
         gateways: rollout.spec.service.gateways.clone(),
         owner,
+        canary_routes: canary_routes(rollout),
+    }
+}
+
+/// The A/B, mirroring and sticky-session routes the Rollout asks for.
+fn canary_routes(rollout: &Rollout) -> CanaryRoutes {
+    let analysis = &rollout.spec.analysis;
+    CanaryRoutes {
+        matches: analysis.match_.clone(),
+        mirror: analysis
+            .mirror
+            .then(|| analysis.mirror_weight.unwrap_or(crate::api::Weight::FULL)),
+        affinity: analysis.session_affinity.clone(),
+        cookie_value: rollout
+            .status
+            .as_ref()
+            .and_then(|s| s.revision.clone())
+            .unwrap_or_else(|| "sluice".into()),
     }
 }
 

@@ -6,7 +6,7 @@ pub mod simulate;
 mod stages;
 
 pub use plan::*;
-pub use stages::{Stage, stages};
+pub use stages::{ReleaseStrategy, Stage, stages, strategy};
 
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::stages::{Stage, max_weight, stages, weight_at};
+use super::stages::{ReleaseStrategy, Stage, max_weight, stages, strategy, weight_at};
 use crate::api::{
     Condition, FailureCounting, MetricVerdict, NoDataPolicy, RolloutPhase, RolloutSpec,
     RolloutStatus, Verdict, Weight,
@@ -29,8 +29,42 @@ pub struct Observed {
     pub command: Option<Command>,
     /// `sluice rollout pause` is in effect (until `resume`).
     pub paused_by_user: bool,
-    /// What the Rego gates (`analysis.policies`) said about the next move, evaluated with the checks.
+    /// What the Rego gates (`analysis.policies`) and the confirm webhooks said about the next move,
+    /// asked after the checks passed.
     pub gate: Option<Gate>,
+    /// What the webhooks [`hooks_due`] asked for answered.
+    pub hooks: HookAnswers,
+}
+
+/// Answers of the webhooks called this time (`None`: not called, or every hook of that type said yes).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HookAnswers {
+    /// A `confirm-rollout` hook said no: the new revision waits. `(hook, why)`.
+    pub rollout_unconfirmed: Option<(String, String)>,
+    /// A `pre-rollout` hook failed: the release rolls back.
+    pub pre_rollout_failed: Option<(String, String)>,
+    /// `rollout` hooks that failed with this check; each counts like a failed metric.
+    pub rollout_failed: Vec<(String, String)>,
+    /// A `rollback` hook answered yes.
+    pub rollback_requested: Option<String>,
+}
+
+/// Which webhooks the controller must call before planning.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HooksDue {
+    /// A new revision would start now.
+    pub confirm_rollout: bool,
+    /// The canary is ready and is about to get traffic.
+    pub pre_rollout: bool,
+}
+
+/// The next move a passing check leads to, which decides the confirm webhook to ask.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NextMove {
+    /// Another stage; `true` when it raises the canary's weight.
+    Stage { raises_weight: bool },
+    /// The promotion.
+    Promotion,
 }
 
 /// The answer of the Rego gates, asked after the metrics of a step passed.
@@ -38,9 +72,10 @@ pub struct Observed {
 pub enum Gate {
     /// Every policy allowed; their names, for the audit trail.
     Allowed(Vec<String>),
-    /// A policy denied (or could not be evaluated, which denies: gates fail closed).
+    /// A policy or webhook denied (or could not be asked, which denies: gates fail closed).
     Denied {
-        policy: String,
+        /// `policy NAME` or `webhook NAME`.
+        by: String,
         reasons: Vec<String>,
         rollback: bool,
     },
@@ -77,6 +112,9 @@ pub struct Desired {
     pub canary_up: bool,
     /// Traffic to the canary; the primary gets the rest.
     pub canary_weight: Weight,
+    /// The canary's own routes are on: A/B matches, mirrored copies, sticky sessions (only for specs that
+    /// configure them).
+    pub experiment: bool,
 }
 
 /// A transition worth one Event (and, later, one alert).
@@ -183,10 +221,74 @@ pub fn checks_due(
     status.stage_started_time.is_some() && elapsed(since, now) >= interval(spec)
 }
 
+/// Whether a release of the target's revision would start if the planner ran now.
+fn would_start(status: &RolloutStatus, observed: &Observed) -> bool {
+    let Some(target) = observed.target_revision.as_deref() else {
+        return false;
+    };
+    match status.phase {
+        Some(RolloutPhase::Initialized | RolloutPhase::Succeeded | RolloutPhase::Failed) => {
+            status.last_promoted_revision.as_deref() != Some(target)
+                && status.revision.as_deref() != Some(target)
+        }
+        _ => false,
+    }
+}
+
+/// Which webhooks to call before planning (`rollout` and `rollback` hooks go with the checks).
+pub fn hooks_due(spec: &RolloutSpec, status: &RolloutStatus, observed: &Observed) -> HooksDue {
+    if spec.suspend || observed.paused_by_user {
+        return HooksDue::default();
+    }
+    let current = observed.target_revision.is_some()
+        && observed.target_revision.as_deref() == status.revision.as_deref();
+    HooksDue {
+        confirm_rollout: would_start(status, observed),
+        pre_rollout: status.phase == Some(RolloutPhase::Progressing)
+            && current
+            && observed.canary_ready
+            && status.stage_started_time.is_none()
+            && !spec.skip_analysis,
+    }
+}
+
+/// Where a passing check at the current stage leads.
+pub fn next_move(spec: &RolloutSpec, status: &RolloutStatus) -> NextMove {
+    let ladder = stages(&spec.analysis);
+    let step = status.current_step as usize;
+    if step + 1 >= ladder.len() {
+        return NextMove::Promotion;
+    }
+    let next = weight_at(&ladder, step + 1).min(max_weight(&ladder));
+    NextMove::Stage {
+        raises_weight: next > status.canary_weight,
+    }
+}
+
+/// Whether the canary's own routes (A/B matches, mirroring, sticky sessions) are on for this plan.
+fn experimenting(spec: &RolloutSpec, status: &RolloutStatus, desired: &Desired) -> bool {
+    let analysis = &spec.analysis;
+    let configured =
+        !analysis.match_.is_empty() || analysis.mirror || analysis.session_affinity.is_some();
+    let judging = status.stage_started_time.is_some()
+        && matches!(
+            status.phase,
+            Some(RolloutPhase::Progressing | RolloutPhase::Paused)
+        );
+    // Matched users stay on the canary until the primary runs its version; a blue-green switch sends
+    // everything there anyway, and sticky users follow the weight.
+    let promoting_ab = status.phase == Some(RolloutPhase::Promoting)
+        && strategy(analysis) == ReleaseStrategy::AbTest;
+    configured && desired.canary_up && (judging || promoting_ab)
+}
+
 /// Plans one step. Same inputs, same output.
 pub fn plan(input: PlanInput<'_>) -> Plan {
     let before = input.status;
     let mut plan = plan_release(input);
+    if let Some(desired) = &mut plan.desired {
+        desired.experiment = experimenting(input.spec, &plan.status, desired);
+    }
     let observed = input.observed;
     // A promote request is used once it moved the release (left a pause, skipped a stage) or could not
     // apply; left in place it would skip a later stage the user never meant to skip.
@@ -296,6 +398,7 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
             Command::PromoteFull if in_release && current && observed.canary_ready => {
                 next.paused_at = None;
                 let desired = begin_promotion(
+                    spec,
                     &mut next,
                     now,
                     "promoted by the user, skipping the remaining analysis",
@@ -327,6 +430,7 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
                     primary_from_target: false,
                     canary_up: true,
                     canary_weight: Weight::ZERO,
+                    experiment: false,
                 };
                 return finish(
                     next,
@@ -368,6 +472,7 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
             primary_from_target: false,
             canary_up: true,
             canary_weight: status.canary_weight,
+            experiment: false,
         };
         return finish(
             next,
@@ -433,6 +538,7 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
                 primary_from_target: true,
                 canary_up: false,
                 canary_weight: Weight::ZERO,
+                experiment: false,
             }
         }
         Some(RolloutPhase::Initialized | RolloutPhase::Succeeded | RolloutPhase::Failed) => {
@@ -441,6 +547,19 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
             let already_tried = status.revision.as_deref() == Some(target_revision.as_str());
             if promoted || already_tried {
                 steady(&mut next)
+            } else if let Some((hook, why)) = &observed.hooks.rollout_unconfirmed {
+                let message = format!(
+                    "revision {target_revision} waits for webhook {hook} (confirm-rollout): {why}"
+                );
+                if status.message.as_deref() != Some(message.as_str()) {
+                    transitions.push(Transition {
+                        warning: false,
+                        reason: "WaitingForConfirmation",
+                        message: message.clone(),
+                    });
+                }
+                next.message = Some(message);
+                steady(&mut next)
             } else {
                 start_release(&mut next, &target_revision, now, spec, &mut transitions);
                 requeue_after = READINESS_POLL;
@@ -448,6 +567,7 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
                     primary_from_target: false,
                     canary_up: true,
                     canary_weight: Weight::ZERO,
+                    experiment: false,
                 }
             }
         }
@@ -523,6 +643,7 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
                     primary_from_target: false,
                     canary_up: false,
                     canary_weight: Weight::ZERO,
+                    experiment: false,
                 }
             } else if elapsed(status.last_progress_time.as_ref(), now) > deadline(spec) {
                 rollback(
@@ -543,6 +664,7 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
                         == Some(promoted_revision.as_str()),
                     canary_up: true,
                     canary_weight: status.canary_weight,
+                    experiment: false,
                 }
             }
         }
@@ -565,6 +687,7 @@ fn steady(next: &mut RolloutStatus) -> Desired {
         primary_from_target: false,
         canary_up: false,
         canary_weight: Weight::ZERO,
+        experiment: false,
     }
 }
 
@@ -625,6 +748,7 @@ fn restart_release(
         primary_from_target: false,
         canary_up: true,
         canary_weight: Weight::ZERO,
+        experiment: false,
     }
 }
 
@@ -661,6 +785,7 @@ fn progress(
         primary_from_target: false,
         canary_up: true,
         canary_weight: weight,
+        experiment: false,
     };
     let since_progress = elapsed(status.last_progress_time.as_ref(), now);
     let since_stage = elapsed(status.stage_started_time.as_ref(), now);
@@ -673,7 +798,7 @@ fn progress(
 
     if spec.skip_analysis && observed.canary_ready {
         return (
-            begin_promotion(next, now, "skipAnalysis is set", transitions),
+            begin_promotion(spec, next, now, "skipAnalysis is set", transitions),
             READINESS_POLL,
         );
     }
@@ -681,7 +806,7 @@ fn progress(
     let held_by_gate = status
         .message
         .as_deref()
-        .is_some_and(|m| m.starts_with("held at ") && m.contains(" by policy "));
+        .is_some_and(|m| m.starts_with("held at "));
     if !paused && !held_by_gate && since_progress > deadline(spec) {
         let why = if !observed.canary_ready {
             format!(
@@ -706,6 +831,7 @@ fn progress(
                 primary_from_target: false,
                 canary_up: false,
                 canary_weight: Weight::ZERO,
+                experiment: false,
             },
             interval,
         );
@@ -717,13 +843,30 @@ fn progress(
         ));
         return (running(status.canary_weight), READINESS_POLL);
     }
+    if let Some((hook, why)) = &observed.hooks.pre_rollout_failed {
+        rollback(
+            next,
+            now,
+            format!("pre-rollout webhook {hook} failed: {why}"),
+            transitions,
+        );
+        return (
+            Desired {
+                primary_from_target: false,
+                canary_up: false,
+                canary_weight: Weight::ZERO,
+                experiment: false,
+            },
+            interval,
+        );
+    }
     // The canary is ready: the first stage takes effect.
     if status.stage_started_time.is_none() {
         let first = weight_at(&ladder, 0);
         next.canary_weight = first;
         next.last_progress_time = Some(stamp(now));
         next.stage_started_time = Some(stamp(now));
-        next.message = Some(stage_message(&stage, first));
+        next.message = Some(stage_message(spec, &stage, first));
         if first > Weight::ZERO {
             transitions.push(Transition {
                 warning: false,
@@ -798,13 +941,35 @@ fn progress(
                 next.last_check_time = Some(stamp(now));
                 (running(weight), interval)
             }
+            Checks::Ran(_) if observed.hooks.rollback_requested.is_some() => {
+                let hook = observed
+                    .hooks
+                    .rollback_requested
+                    .clone()
+                    .unwrap_or_default();
+                rollback(
+                    next,
+                    now,
+                    format!("webhook {hook} (rollback) asked for a rollback at {weight}"),
+                    transitions,
+                );
+                (
+                    Desired {
+                        primary_from_target: false,
+                        canary_up: false,
+                        canary_weight: Weight::ZERO,
+                        experiment: false,
+                    },
+                    interval,
+                )
+            }
             Checks::Ran(verdicts) => judge(
                 spec,
                 &ladder,
                 step,
                 weight,
                 verdicts,
-                observed.gate.as_ref(),
+                observed,
                 next,
                 now,
                 transitions,
@@ -813,10 +978,21 @@ fn progress(
     }
 }
 
-fn stage_message(stage: &Stage, weight: Weight) -> String {
-    match stage {
-        Stage::Judge(_) => format!("analysing the canary at {weight}"),
-        Stage::Pause(_) => format!("paused at {weight}"),
+fn stage_message(spec: &RolloutSpec, stage: &Stage, weight: Weight) -> String {
+    let analysis = &spec.analysis;
+    match (stage, strategy(analysis)) {
+        (Stage::Pause(_), _) => format!("paused at {weight}"),
+        (Stage::Judge(_), ReleaseStrategy::Canary) => format!("analysing the canary at {weight}"),
+        (Stage::Judge(_), ReleaseStrategy::AbTest) => {
+            "analysing the canary on the requests that match (A/B test)".to_owned()
+        }
+        (Stage::Judge(_), ReleaseStrategy::BlueGreen) if analysis.mirror => format!(
+            "analysing the canary on a mirrored copy of {} of the requests (blue-green)",
+            analysis.mirror_weight.unwrap_or(Weight::FULL)
+        ),
+        (Stage::Judge(_), ReleaseStrategy::BlueGreen) => {
+            "analysing the canary without user traffic (blue-green)".to_owned()
+        }
     }
 }
 
@@ -827,7 +1003,7 @@ fn judge(
     step: usize,
     weight: Weight,
     verdicts: &[MetricVerdict],
-    gate: Option<&Gate>,
+    observed: &Observed,
     next: &mut RolloutStatus,
     now: Timestamp,
     transitions: &mut Vec<Transition>,
@@ -837,6 +1013,7 @@ fn judge(
         primary_from_target: false,
         canary_up: true,
         canary_weight: weight,
+        experiment: false,
     };
     next.last_check_time = Some(stamp(now));
     next.verdicts = verdicts.to_vec();
@@ -859,6 +1036,13 @@ fn judge(
             }
         }
     }
+    failed.extend(
+        observed
+            .hooks
+            .rollout_failed
+            .iter()
+            .map(|(hook, why)| format!("webhook {hook}: {why}")),
+    );
     if !failed.is_empty() {
         next.failed_checks += 1;
         let threshold = spec.analysis.threshold.max(1);
@@ -883,6 +1067,7 @@ fn judge(
                     primary_from_target: false,
                     canary_up: false,
                     canary_weight: Weight::ZERO,
+                    experiment: false,
                 },
                 interval,
             );
@@ -896,33 +1081,26 @@ fn judge(
     if spec.analysis.failure_counting == FailureCounting::Consecutive {
         next.failed_checks = 0;
     }
-    match gate {
+    match observed.gate.as_ref() {
         Some(Gate::Denied {
-            policy,
+            by,
             reasons,
             rollback: true,
         }) => {
-            let why = format!(
-                "policy {policy} denied the promotion: {}",
-                reasons.join("; ")
-            );
+            let why = format!("{by} denied the promotion: {}", reasons.join("; "));
             self::rollback(next, now, why, transitions);
             return (
                 Desired {
                     primary_from_target: false,
                     canary_up: false,
                     canary_weight: Weight::ZERO,
+                    experiment: false,
                 },
                 interval,
             );
         }
-        Some(Gate::Denied {
-            policy, reasons, ..
-        }) => {
-            let message = format!(
-                "held at {weight} by policy {policy}: {}",
-                reasons.join("; ")
-            );
+        Some(Gate::Denied { by, reasons, .. }) => {
+            let message = format!("held at {weight} by {by}: {}", reasons.join("; "));
             // One Event per new reason, not one per check.
             if next.message.as_deref() != Some(message.as_str()) {
                 transitions.push(Transition {
@@ -969,7 +1147,7 @@ fn advance(
     let interval = interval(spec);
     if step + 1 >= ladder.len() {
         return (
-            begin_promotion(next, now, "every stage passed", transitions),
+            begin_promotion(spec, next, now, "every stage passed", transitions),
             READINESS_POLL,
         );
     }
@@ -980,7 +1158,7 @@ fn advance(
     next.last_progress_time = Some(stamp(now));
     next.stage_started_time = Some(stamp(now));
     let stage = ladder[next_step];
-    next.message = Some(stage_message(&stage, weight));
+    next.message = Some(stage_message(spec, &stage, weight));
     if weight != next.canary_weight {
         transitions.push(Transition {
             warning: false,
@@ -1002,12 +1180,14 @@ fn advance(
             primary_from_target: false,
             canary_up: true,
             canary_weight: weight,
+            experiment: false,
         },
         wait,
     )
 }
 
 fn begin_promotion(
+    spec: &RolloutSpec,
     next: &mut RolloutStatus,
     now: Timestamp,
     why: &str,
@@ -1017,15 +1197,27 @@ fn begin_promotion(
     next.last_progress_time = Some(stamp(now));
     let revision = next.revision.clone().unwrap_or_default();
     next.message = Some(format!("promoting revision {revision}: {why}"));
+    // Blue-green: every request moves to the judged version at once while the primary is rewritten, and
+    // back to the primary once it runs that version.
+    let switch = strategy(&spec.analysis) == ReleaseStrategy::BlueGreen;
+    let how = if switch {
+        "; all traffic switched to the canary"
+    } else {
+        ""
+    };
+    if switch {
+        next.canary_weight = Weight::FULL;
+    }
     transitions.push(Transition {
         warning: false,
         reason: "Promoting",
-        message: format!("{why}; copying revision {revision} to the primary"),
+        message: format!("{why}{how}; copying revision {revision} to the primary"),
     });
     Desired {
         primary_from_target: true,
         canary_up: true,
         canary_weight: next.canary_weight,
+        experiment: false,
     }
 }
 

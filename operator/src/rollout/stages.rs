@@ -4,6 +4,30 @@ use std::time::Duration;
 
 use crate::api::{Analysis, Weight};
 
+/// How a release exposes the canary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReleaseStrategy {
+    /// Weights move step by step (`stepWeight`, `stepWeights`, `steps`).
+    Canary,
+    /// The canary gets no user traffic (only mirrored copies, with `mirror`) while it is judged, then all
+    /// traffic switches to it at once for the promotion.
+    BlueGreen,
+    /// Requests matching `match` go to the canary while it is judged; the rest stay on the primary.
+    AbTest,
+}
+
+/// Which strategy an analysis describes.
+pub fn strategy(analysis: &Analysis) -> ReleaseStrategy {
+    if analysis.step_weight.is_some() || analysis.step_weights.is_some() || analysis.steps.is_some()
+    {
+        ReleaseStrategy::Canary
+    } else if !analysis.match_.is_empty() {
+        ReleaseStrategy::AbTest
+    } else {
+        ReleaseStrategy::BlueGreen
+    }
+}
+
 /// One stage of a release.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {

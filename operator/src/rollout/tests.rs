@@ -44,6 +44,8 @@ struct World {
     now: Timestamp,
     canary_can_be_ready: bool,
     health: Health,
+    /// What the webhooks answer when the controller calls them.
+    hooks: HookAnswers,
     log: Vec<(Plan, Checks)>,
 }
 
@@ -59,6 +61,7 @@ impl World {
             now: "2026-01-01T00:00:00Z".parse().expect("timestamp"),
             canary_can_be_ready: true,
             health: Health::Good,
+            hooks: HookAnswers::default(),
             log: Vec::new(),
         }
     }
@@ -91,11 +94,33 @@ impl World {
     /// One reconcile, then the world converges to what was asked, then `dt` passes.
     fn tick(&mut self, dt: Duration) -> Plan {
         let checks = self.checks();
+        // The controller calls only the hooks that are due.
+        let due = hooks_due(&self.spec, &self.status, &self.observed);
+        let ran = matches!(checks, Checks::Ran(_));
+        let mut observed = self.observed.clone();
+        observed.hooks = HookAnswers {
+            rollout_unconfirmed: self
+                .hooks
+                .rollout_unconfirmed
+                .clone()
+                .filter(|_| due.confirm_rollout),
+            pre_rollout_failed: self
+                .hooks
+                .pre_rollout_failed
+                .clone()
+                .filter(|_| due.pre_rollout),
+            rollout_failed: if ran {
+                self.hooks.rollout_failed.clone()
+            } else {
+                Vec::new()
+            },
+            rollback_requested: self.hooks.rollback_requested.clone().filter(|_| ran),
+        };
         let input = PlanInput {
             spec: &self.spec,
             status: &self.status,
             generation: 1,
-            observed: &self.observed,
+            observed: &observed,
             checks: &checks,
             now: self.now,
         };
@@ -176,7 +201,8 @@ fn first_sight_creates_the_primary_and_routes_everything_to_it() {
         Some(Desired {
             primary_from_target: true,
             canary_up: false,
-            canary_weight: Weight::ZERO
+            canary_weight: Weight::ZERO,
+            experiment: false
         })
     );
     let plan = world.tick(Duration::from_secs(1));
@@ -235,7 +261,8 @@ fn failing_checks_roll_back_at_the_threshold() {
         Some(Desired {
             primary_from_target: false,
             canary_up: false,
-            canary_weight: Weight::ZERO
+            canary_weight: Weight::ZERO,
+            experiment: false
         })
     );
     let rolled_back: Vec<_> = world
@@ -476,7 +503,11 @@ proptest! {
 
         for (plan, checks) in &world.log {
             if let Some(d) = plan.desired {
-                prop_assert!(d.canary_weight <= cap, "weight {} above {}", d.canary_weight, cap);
+                // Blue-green sends everything to the judged canary while the primary takes its version.
+                let switched = plan.status.phase == Some(RolloutPhase::Promoting)
+                    && strategy(&spec.analysis) == ReleaseStrategy::BlueGreen
+                    && d.canary_weight == Weight::FULL;
+                prop_assert!(d.canary_weight <= cap || switched, "weight {} above {}", d.canary_weight, cap);
                 prop_assert_eq!(d.canary_weight.get() + d.canary_weight.complement().get(), 100);
             }
             let promoting = plan.transitions.iter().any(|t| t.reason == "Promoting");
@@ -490,7 +521,7 @@ proptest! {
                         "advanced on a check that was not a pass");
                 }
             if plan.transitions.iter().any(|t| t.reason == "RolledBack") {
-                prop_assert_eq!(plan.desired, Some(Desired { primary_from_target: false, canary_up: false, canary_weight: Weight::ZERO }));
+                prop_assert_eq!(plan.desired, Some(Desired { primary_from_target: false, canary_up: false, canary_weight: Weight::ZERO, experiment: false }));
                 prop_assert_eq!(plan.status.phase, Some(RolloutPhase::Failed));
             }
         }
@@ -657,7 +688,7 @@ fn a_denying_gate_holds_the_step_with_its_reasons_then_allows() {
     let mut world = initialized(canary_spec());
     world.new_revision("r2");
     world.observed.gate = Some(Gate::Denied {
-        policy: "change-control".into(),
+        by: "policy change-control".into(),
         reasons: vec!["namespace shop is production: annotate the rollout".into()],
         rollback: false,
     });
@@ -681,7 +712,7 @@ fn a_denying_gate_holds_the_step_with_its_reasons_then_allows() {
         1,
         "one Event for the denial, not one per check"
     );
-    world.observed.gate = Some(Gate::Allowed(vec!["change-control".into()]));
+    world.observed.gate = Some(Gate::Allowed(vec!["policy change-control".into()]));
     world.run(60);
     assert_eq!(world.phase(), Some(RolloutPhase::Succeeded));
     let allowed = reasons(&world)
@@ -699,7 +730,7 @@ fn a_gate_that_says_rollback_rolls_back() {
     let mut world = initialized(canary_spec());
     world.new_revision("r2");
     world.observed.gate = Some(Gate::Denied {
-        policy: "freeze".into(),
+        by: "policy freeze".into(),
         reasons: vec!["change freeze".into()],
         rollback: true,
     });
@@ -709,5 +740,333 @@ fn a_gate_that_says_rollback_rolls_back() {
     assert!(
         message.contains("policy freeze denied the promotion: change freeze"),
         "{message}"
+    );
+}
+
+fn blue_green_spec() -> RolloutSpec {
+    spec(json!({
+        "interval": "5s", "threshold": 2, "iterations": 3,
+        "metrics": [{"name": "request-success-rate", "thresholdRange": {"min": 99}}]
+    }))
+}
+
+fn ab_spec() -> RolloutSpec {
+    spec(json!({
+        "interval": "5s", "threshold": 2, "iterations": 2,
+        "match": [{"headers": {"x-canary": {"exact": "insider"}}}],
+        "metrics": [{"name": "request-success-rate", "thresholdRange": {"min": 99}}]
+    }))
+}
+
+/// (phase, canary weight, experiment) of every plan, consecutive repeats folded.
+fn traffic(world: &World) -> Vec<(Option<RolloutPhase>, u8, bool)> {
+    let mut seen = Vec::new();
+    for (plan, _) in &world.log {
+        if let Some(d) = plan.desired {
+            let entry = (plan.status.phase, d.canary_weight.get(), d.experiment);
+            if seen.last() != Some(&entry) {
+                seen.push(entry);
+            }
+        }
+    }
+    seen
+}
+
+#[test]
+fn blue_green_judges_without_traffic_then_switches_everything_at_once() {
+    let mut world = initialized(blue_green_spec());
+    world.new_revision("r2");
+    world.run(60);
+    assert_eq!(world.phase(), Some(RolloutPhase::Succeeded));
+    use RolloutPhase::*;
+    assert_eq!(
+        traffic(&world),
+        vec![
+            (Some(Progressing), 0, false),
+            (Some(Promoting), 100, false),
+            (Some(Succeeded), 0, false),
+        ],
+        "0% while judged, 100% on the canary while the primary takes its version, then 100% primary"
+    );
+    let judged = world
+        .log
+        .iter()
+        .filter(|(_, c)| matches!(c, Checks::Ran(_)))
+        .count();
+    assert_eq!(judged, 3, "one check per iteration");
+    let message = world
+        .log
+        .iter()
+        .find_map(|(p, _)| {
+            p.status
+                .message
+                .clone()
+                .filter(|m| m.contains("blue-green"))
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        message,
+        "analysing the canary without user traffic (blue-green)"
+    );
+}
+
+#[test]
+fn blue_green_rollback_never_gives_the_canary_traffic() {
+    let mut world = initialized(blue_green_spec());
+    world.new_revision("r2");
+    world.health = Health::Bad;
+    world.run(60);
+    assert_eq!(world.phase(), Some(RolloutPhase::Failed));
+    assert!(
+        traffic(&world).iter().all(|(_, weight, _)| *weight == 0),
+        "{:?}",
+        traffic(&world)
+    );
+}
+
+#[test]
+fn mirroring_is_on_only_while_the_canary_is_judged() {
+    let mut mirrored = blue_green_spec();
+    mirrored.analysis.mirror = true;
+    mirrored.analysis.mirror_weight = Weight::new(50);
+    let mut world = initialized(mirrored);
+    world.new_revision("r2");
+    world.run(60);
+    use RolloutPhase::*;
+    assert_eq!(
+        traffic(&world),
+        vec![
+            (Some(Progressing), 0, false),
+            (Some(Progressing), 0, true),
+            (Some(Promoting), 100, false),
+            (Some(Succeeded), 0, false),
+        ],
+        "no mirror before the canary is ready, nor once everything is switched to it"
+    );
+    assert!(reasons(&world).contains(&"Promoted"));
+    let message = world
+        .log
+        .iter()
+        .find_map(|(p, _)| p.status.message.clone().filter(|m| m.contains("mirrored")))
+        .unwrap_or_default();
+    assert_eq!(
+        message,
+        "analysing the canary on a mirrored copy of 50% of the requests (blue-green)"
+    );
+}
+
+#[test]
+fn ab_test_routes_matching_requests_while_judged_and_until_the_primary_takes_over() {
+    let mut world = initialized(ab_spec());
+    world.new_revision("r2");
+    world.run(60);
+    assert_eq!(world.phase(), Some(RolloutPhase::Succeeded));
+    use RolloutPhase::*;
+    assert_eq!(
+        traffic(&world),
+        vec![
+            (Some(Progressing), 0, false),
+            (Some(Progressing), 0, true),
+            (Some(Promoting), 0, true),
+            (Some(Succeeded), 0, false),
+        ]
+    );
+}
+
+#[test]
+fn ab_test_rollback_turns_the_matches_off() {
+    let mut world = initialized(ab_spec());
+    world.new_revision("r2");
+    world.run(7);
+    world.health = Health::Bad;
+    world.run(30);
+    assert_eq!(world.phase(), Some(RolloutPhase::Failed));
+    assert_eq!(
+        traffic(&world).last(),
+        Some(&(Some(RolloutPhase::Failed), 0, false))
+    );
+}
+
+#[test]
+fn sticky_sessions_follow_the_weighted_canary() {
+    let mut sticky = canary_spec();
+    sticky.analysis.session_affinity = Some(crate::api::SessionAffinity {
+        cookie_name: "canary".into(),
+        primary_cookie_name: None,
+        max_age: 60,
+    });
+    let mut world = initialized(sticky);
+    world.new_revision("r2");
+    world.run(60);
+    use RolloutPhase::*;
+    assert_eq!(
+        traffic(&world),
+        vec![
+            (Some(Progressing), 0, false),
+            (Some(Progressing), 20, true),
+            (Some(Progressing), 40, true),
+            (Some(Progressing), 60, true),
+            (Some(Promoting), 60, false),
+            (Some(Succeeded), 0, false),
+        ]
+    );
+}
+
+#[test]
+fn plain_canaries_never_ask_for_canary_routes() {
+    let mut world = initialized(canary_spec());
+    world.new_revision("r2");
+    world.run(60);
+    assert!(traffic(&world).iter().all(|(_, _, experiment)| !experiment));
+}
+
+#[test]
+fn confirm_rollout_keeps_a_new_revision_waiting_until_it_says_yes() {
+    let mut world = initialized(canary_spec());
+    world.hooks.rollout_unconfirmed = Some(("change-window".into(), "HTTP 403 Forbidden".into()));
+    world.new_revision("r2");
+    world.run(30);
+    assert_eq!(world.phase(), Some(RolloutPhase::Initialized));
+    assert_eq!(
+        world.status.message.as_deref(),
+        Some("revision r2 waits for webhook change-window (confirm-rollout): HTTP 403 Forbidden")
+    );
+    assert!(traffic(&world).iter().all(|(_, weight, _)| *weight == 0));
+    assert!(
+        world
+            .log
+            .iter()
+            .all(|(p, _)| p.desired.is_some_and(|d| !d.canary_up)),
+        "the canary is not even started"
+    );
+    assert_eq!(
+        reasons(&world)
+            .iter()
+            .filter(|r| **r == "WaitingForConfirmation")
+            .count(),
+        1
+    );
+    world.hooks.rollout_unconfirmed = None;
+    world.run(60);
+    assert_eq!(world.phase(), Some(RolloutPhase::Succeeded));
+    assert_eq!(world.status.last_promoted_revision.as_deref(), Some("r2"));
+}
+
+#[test]
+fn a_failing_pre_rollout_hook_rolls_back_before_any_traffic() {
+    let mut world = initialized(canary_spec());
+    world.hooks.pre_rollout_failed = Some(("db-migration".into(), "HTTP 500".into()));
+    world.new_revision("r2");
+    world.run(30);
+    assert_eq!(world.phase(), Some(RolloutPhase::Failed));
+    assert_eq!(
+        world.status.message.as_deref(),
+        Some("rolled back: pre-rollout webhook db-migration failed: HTTP 500")
+    );
+    assert!(traffic(&world).iter().all(|(_, weight, _)| *weight == 0));
+}
+
+#[test]
+fn failing_rollout_hooks_count_as_failed_checks() {
+    let mut world = initialized(canary_spec());
+    world.hooks.rollout_failed = vec![("load-test".into(), "timed out after 10s".into())];
+    world.new_revision("r2");
+    world.run(60);
+    assert_eq!(world.phase(), Some(RolloutPhase::Failed));
+    let message = world.status.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("2 failed checks at 20%: webhook load-test: timed out after 10s"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_rollback_hook_saying_yes_rolls_back() {
+    let mut world = initialized(canary_spec());
+    world.new_revision("r2");
+    world.run(8);
+    assert_eq!(world.phase(), Some(RolloutPhase::Progressing));
+    world.hooks.rollback_requested = Some("big-red-button".into());
+    world.run(10);
+    assert_eq!(world.phase(), Some(RolloutPhase::Failed));
+    assert!(
+        world
+            .status
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("webhook big-red-button (rollback) asked for a rollback")
+    );
+}
+
+#[test]
+fn a_confirm_webhook_holds_the_step_outside_the_deadline_then_lets_it_go() {
+    let mut world = initialized(canary_spec());
+    world.new_revision("r2");
+    world.observed.gate = Some(Gate::Denied {
+        by: "webhook approve".into(),
+        reasons: vec!["HTTP 403".into()],
+        rollback: false,
+    });
+    // Longer than the 60s progress deadline: a hold waiting for a person is not a stuck release.
+    world.run(120);
+    assert_eq!(world.phase(), Some(RolloutPhase::Progressing));
+    assert_eq!(
+        world.status.message.as_deref(),
+        Some("held at 20% by webhook approve: HTTP 403")
+    );
+    world.observed.gate = Some(Gate::Allowed(vec!["webhook approve".into()]));
+    world.run(60);
+    assert_eq!(world.phase(), Some(RolloutPhase::Succeeded));
+}
+
+#[test]
+fn hooks_are_due_at_their_points_only() {
+    let mut world = initialized(canary_spec());
+    let due = |w: &World| hooks_due(&w.spec, &w.status, &w.observed);
+    assert_eq!(due(&world), HooksDue::default(), "nothing new to release");
+    world.observed.target_revision = Some("r2".into());
+    assert!(due(&world).confirm_rollout, "a new revision would start");
+    world.observed.paused_by_user = true;
+    assert_eq!(
+        due(&world),
+        HooksDue::default(),
+        "a paused rollout calls nothing"
+    );
+    world.observed.paused_by_user = false;
+    world.tick(Duration::from_secs(1));
+    assert_eq!(world.phase(), Some(RolloutPhase::Progressing));
+    assert!(!due(&world).confirm_rollout);
+    assert!(
+        due(&world).pre_rollout,
+        "the canary is ready and has no traffic yet"
+    );
+    world.tick(Duration::from_secs(1));
+    assert_eq!(
+        due(&world),
+        HooksDue::default(),
+        "the canary has traffic now"
+    );
+}
+
+#[test]
+fn next_move_tells_weight_increases_from_promotion() {
+    let mut world = initialized(canary_spec());
+    world.new_revision("r2");
+    world.run(3);
+    assert_eq!(
+        next_move(&world.spec, &world.status),
+        NextMove::Stage {
+            raises_weight: true
+        }
+    );
+    world.status.current_step = 2;
+    assert_eq!(next_move(&world.spec, &world.status), NextMove::Promotion);
+    let bg = initialized(blue_green_spec());
+    assert_eq!(
+        next_move(&bg.spec, &bg.status),
+        NextMove::Stage {
+            raises_weight: false
+        }
     );
 }

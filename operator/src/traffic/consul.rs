@@ -5,7 +5,7 @@
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 
-use super::{RouteTarget, Router, Split, confirm, weight_of};
+use super::{RouteTarget, Router, Split, confirm, unsupported_canary_routes, weight_of};
 use crate::api::Provider;
 
 const GROUP: &str = "consul.hashicorp.com";
@@ -50,6 +50,15 @@ impl Router for ConsulRouter {
     }
 
     fn unsupported(&self, target: &RouteTarget) -> Option<String> {
+        if let Some(why) = unsupported_canary_routes(
+            &target.canary_routes,
+            "a Consul ServiceSplitter",
+            false,
+            false,
+            false,
+        ) {
+            return Some(why);
+        }
         (!target.hosts.is_empty() || !target.gateways.is_empty()).then(|| {
             "a Consul ServiceSplitter splits the service inside the mesh: spec.service.hosts and spec.service.gateways cannot be honoured (expose the service through a Consul ingress or API gateway instead); remove them".to_owned()
         })

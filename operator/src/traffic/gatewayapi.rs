@@ -4,8 +4,8 @@
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Map, Value, json};
 
-use super::{RouteTarget, Router, Split, confirm, weight_of};
-use crate::api::{Provider, Weight};
+use super::{RouteTarget, Router, Split, confirm, cookie_regex, weight_of};
+use crate::api::{HttpMatch, Provider, Weight};
 
 const GROUP: &str = "gateway.networking.k8s.io";
 const VERSION: &str = "v1";
@@ -38,18 +38,65 @@ impl Router for GatewayApiRouter {
                 .iter()
                 .map(|gateway| gateway_parent(gateway)),
         );
-        let mut spec = json!({
-            "parentRefs": parents,
-            // One catch-all rule: GAMMA implementations (Linkerd) expect a route that matches everything.
-            "rules": [{
-                "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
-                // Both backends always, weight 0 included, so the weights total 100.
+        let routes = &target.canary_routes;
+        let experiment = split.experiment() && !routes.is_empty();
+        // HTTPRoute picks the most specific match, not the first rule: a match with header conditions
+        // beats the catch-all on the same path whatever the order. They go first anyway, for readers.
+        let mut rules = Vec::new();
+        let pinned = |matches: Vec<Value>, to_canary: bool| {
+            let (primary, canary) = if to_canary {
+                (Weight::ZERO, Weight::FULL)
+            } else {
+                (Weight::FULL, Weight::ZERO)
+            };
+            json!({
+                "matches": matches,
                 "backendRefs": [
-                    backend(&target.primary, target.port, split.primary()),
-                    backend(&target.canary, target.port, split.canary()),
+                    backend(&target.primary, target.port, primary),
+                    backend(&target.canary, target.port, canary),
                 ],
-            }],
+            })
+        };
+        if experiment && !routes.matches.is_empty() {
+            rules.push(pinned(
+                routes.matches.iter().map(route_match).collect(),
+                true,
+            ));
+        }
+        let mut primary = backend(&target.primary, target.port, split.primary());
+        let mut canary = backend(&target.canary, target.port, split.canary());
+        if let (true, Some(affinity)) = (experiment, &routes.affinity) {
+            let sticky = |cookie: &str| {
+                vec![json!({
+                    "path": {"type": "PathPrefix", "value": "/"},
+                    "headers": [{"type": "RegularExpression", "name": "Cookie", "value": cookie_regex(cookie, &routes.cookie_value)}],
+                })]
+            };
+            rules.push(pinned(sticky(&affinity.cookie_name), true));
+            canary["filters"] =
+                set_cookie(&routes.set_cookie(&affinity.cookie_name, affinity.max_age));
+            if let Some(primary_cookie) = &affinity.primary_cookie_name {
+                rules.push(pinned(sticky(primary_cookie), false));
+                primary["filters"] =
+                    set_cookie(&routes.set_cookie(primary_cookie, affinity.max_age));
+            }
+        }
+        // One catch-all rule: GAMMA implementations (Linkerd) expect a route that matches everything.
+        // Both backends always, weight 0 included, so the weights total 100.
+        let mut weighted = json!({
+            "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+            "backendRefs": [primary, canary],
         });
+        if let (true, Some(percent)) = (experiment, routes.mirror) {
+            let mut mirror = json!({"backendRef": {"group": "", "kind": "Service", "name": target.canary, "port": target.port}});
+            // `percent` is newer than the RequestMirror filter itself: written only when needed.
+            if percent < Weight::FULL {
+                mirror["percent"] = json!(percent.get());
+            }
+            weighted["filters"] = json!([{"type": "RequestMirror", "requestMirror": mirror}]);
+        }
+        rules.push(weighted);
+        let mut spec = json!({"parentRefs": parents, "rules": rules});
         if !target.hosts.is_empty() {
             spec["hostnames"] = json!(target.hosts);
         }
@@ -68,8 +115,9 @@ impl Router for GatewayApiRouter {
                 .and_then(|b| b.get("weight"))
                 .and_then(weight_of)
         };
-        // The rule holding both of our backends; `confirm` then checks it is the only one.
-        rules.iter().find_map(|rule| {
+        // The weighted rule is the last one holding both of our backends (match and sticky rules come
+        // first); `confirm` then checks the whole object.
+        rules.iter().rev().find_map(|rule| {
             let backends = rule.get("backendRefs")?.as_array()?;
             let primary = weight_for(backends, &target.primary)?;
             let canary = weight_for(backends, &target.canary)?;
@@ -99,6 +147,34 @@ fn gateway_parent(gateway: &str) -> Value {
     Value::Object(parent)
 }
 
+/// An `HTTPRouteMatch` from an A/B match. Header matches are Exact or RegularExpression only, so a
+/// prefix becomes an anchored regex.
+fn route_match(m: &HttpMatch) -> Value {
+    let mut headers: Vec<Value> = m
+        .headers
+        .iter()
+        .filter_map(|(name, value)| {
+            let (kind, text) = match (&value.exact, &value.prefix, &value.regex) {
+                (Some(exact), _, _) => ("Exact", exact.clone()),
+                (_, Some(prefix), _) => {
+                    ("RegularExpression", format!("^{}.*", regex::escape(prefix)))
+                }
+                (_, _, Some(regex)) => ("RegularExpression", regex.clone()),
+                _ => return None,
+            };
+            Some(json!({"type": kind, "name": name, "value": text}))
+        })
+        .collect();
+    if let Some(cookie) = &m.cookie {
+        headers.push(json!({"type": "RegularExpression", "name": "Cookie", "value": cookie_regex(&cookie.name, &cookie.value)}));
+    }
+    json!({"path": {"type": "PathPrefix", "value": "/"}, "headers": headers})
+}
+
+fn set_cookie(value: &str) -> Value {
+    json!([{"type": "ResponseHeaderModifier", "responseHeaderModifier": {"add": [{"name": "Set-Cookie", "value": value}]}}])
+}
+
 fn backend(name: &str, port: u16, weight: Weight) -> Value {
     json!({
         "group": "",
@@ -112,7 +188,21 @@ fn backend(name: &str, port: u16, weight: Weight) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::traffic::tests::{Edit, exposed_target, plain_target, split};
+    use crate::traffic::tests::{Edit, experiment_targets, exposed_target, plain_target, split};
+
+    #[test]
+    fn canary_route_snapshots() {
+        for (name, target) in experiment_targets() {
+            insta::assert_yaml_snapshot!(
+                format!("httproute_{name}"),
+                Router::desired(
+                    &GatewayApiRouter,
+                    &target,
+                    split(if name == "sticky" { 20 } else { 0 }).with_experiment(true)
+                )["spec"]
+            );
+        }
+    }
 
     #[test]
     fn snapshots() {

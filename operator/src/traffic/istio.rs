@@ -4,15 +4,20 @@
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 
-use super::{RouteTarget, Router, Split, confirm, weight_of};
-use crate::api::{Provider, Weight};
+use super::{RouteTarget, Router, Split, confirm, cookie_regex, weight_of};
+use crate::api::{HttpMatch, Provider, Weight};
 
 const GROUP: &str = "networking.istio.io";
 const VERSION: &str = "v1";
 const KIND: &str = "VirtualService";
 const PLURAL: &str = "virtualservices";
-/// Name of the weighted rule; `observed_split` finds it by this name, so future A/B match rules can go first.
+/// Name of the weighted rule; `observed_split` finds it by this name, so match rules can go first.
 const RULE: &str = "canary";
+/// A/B rule: matching requests go to the canary.
+const MATCH_RULE: &str = "canary-match";
+/// Sticky rules: users holding the canary's (primary's) cookie go back to it.
+const STICKY_CANARY_RULE: &str = "canary-sticky";
+const STICKY_PRIMARY_RULE: &str = "primary-sticky";
 /// Istio's reserved gateway name for the sidecars; it must be listed once any gateway is.
 const MESH_GATEWAY: &str = "mesh";
 
@@ -31,17 +36,61 @@ impl Router for IstioRouter {
         // gives fully qualified when they need to.
         let mut hosts = vec![target.apex.clone()];
         hosts.extend(target.hosts.iter().cloned());
-        let mut spec = json!({
-            "hosts": hosts,
-            "http": [{
-                "name": RULE,
-                // Both destinations always, weight 0 included, so the weights total 100.
+        let routes = &target.canary_routes;
+        let experiment = split.experiment() && !routes.is_empty();
+        // Istio takes the first rule that matches: the canary's own rules go before the weighted one.
+        let mut http = Vec::new();
+        let all_canary = |name: &str, matches: Vec<Value>| {
+            json!({
+                "name": name,
+                "match": matches,
                 "route": [
-                    destination(&target.primary, target.port, split.primary()),
-                    destination(&target.canary, target.port, split.canary()),
+                    destination(&target.primary, target.port, Weight::ZERO),
+                    destination(&target.canary, target.port, Weight::FULL),
                 ],
-            }],
-        });
+            })
+        };
+        if experiment && !routes.matches.is_empty() {
+            http.push(all_canary(
+                MATCH_RULE,
+                routes.matches.iter().map(match_request).collect(),
+            ));
+        }
+        let mut primary = destination(&target.primary, target.port, split.primary());
+        let mut canary = destination(&target.canary, target.port, split.canary());
+        if let (true, Some(affinity)) = (experiment, &routes.affinity) {
+            let sticky = |cookie: &str| {
+                vec![
+                    json!({"headers": {"cookie": {"regex": cookie_regex(cookie, &routes.cookie_value)}}}),
+                ]
+            };
+            http.push(all_canary(
+                STICKY_CANARY_RULE,
+                sticky(&affinity.cookie_name),
+            ));
+            canary["headers"] =
+                set_cookie(&routes.set_cookie(&affinity.cookie_name, affinity.max_age));
+            if let Some(primary_cookie) = &affinity.primary_cookie_name {
+                http.push(json!({
+                    "name": STICKY_PRIMARY_RULE,
+                    "match": sticky(primary_cookie),
+                    "route": [
+                        destination(&target.primary, target.port, Weight::FULL),
+                        destination(&target.canary, target.port, Weight::ZERO),
+                    ],
+                }));
+                primary["headers"] =
+                    set_cookie(&routes.set_cookie(primary_cookie, affinity.max_age));
+            }
+        }
+        // Both destinations always, weight 0 included, so the weights total 100.
+        let mut weighted = json!({"name": RULE, "route": [primary, canary]});
+        if let (true, Some(percent)) = (experiment, routes.mirror) {
+            weighted["mirror"] = json!({"host": target.canary, "port": {"number": target.port}});
+            weighted["mirrorPercentage"] = json!({"value": f64::from(percent.get())});
+        }
+        http.push(weighted);
+        let mut spec = json!({"hosts": hosts, "http": http});
         // Without `gateways` Istio applies the route to the mesh only; once any gateway is named, "mesh"
         // must be named too or sidecars stop using the route.
         if !target.gateways.is_empty() {
@@ -82,6 +131,31 @@ impl Router for IstioRouter {
     }
 }
 
+/// An Istio `HTTPMatchRequest` from an A/B match (header names are lower-cased, as Istio requires).
+fn match_request(m: &HttpMatch) -> Value {
+    let mut headers = serde_json::Map::new();
+    for (name, value) in &m.headers {
+        let condition = match (&value.exact, &value.prefix, &value.regex) {
+            (Some(exact), _, _) => json!({"exact": exact}),
+            (_, Some(prefix), _) => json!({"prefix": prefix}),
+            (_, _, Some(regex)) => json!({"regex": regex}),
+            _ => continue,
+        };
+        headers.insert(name.to_ascii_lowercase(), condition);
+    }
+    if let Some(cookie) = &m.cookie {
+        headers.insert(
+            "cookie".into(),
+            json!({"regex": cookie_regex(&cookie.name, &cookie.value)}),
+        );
+    }
+    json!({"headers": headers})
+}
+
+fn set_cookie(value: &str) -> Value {
+    json!({"response": {"add": {"Set-Cookie": value}}})
+}
+
 fn destination(host: &str, port: u16, weight: Weight) -> Value {
     json!({
         "destination": {"host": host, "port": {"number": port}},
@@ -92,7 +166,21 @@ fn destination(host: &str, port: u16, weight: Weight) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::traffic::tests::{Edit, exposed_target, plain_target, split};
+    use crate::traffic::tests::{Edit, experiment_targets, exposed_target, plain_target, split};
+
+    #[test]
+    fn canary_route_snapshots() {
+        for (name, target) in experiment_targets() {
+            insta::assert_yaml_snapshot!(
+                format!("virtualservice_{name}"),
+                Router::desired(
+                    &IstioRouter,
+                    &target,
+                    split(if name == "sticky" { 20 } else { 0 }).with_experiment(true)
+                )["spec"]
+            );
+        }
+    }
 
     #[test]
     fn snapshots() {

@@ -18,7 +18,7 @@ use std::fmt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use serde_json::{Value, json};
 
-use crate::api::{MANAGED_BY_LABEL, Provider, Weight};
+use crate::api::{HttpMatch, MANAGED_BY_LABEL, Provider, SessionAffinity, Weight};
 
 /// Names and ports of what a Rollout routes, resolved from its spec.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,6 +39,67 @@ pub struct RouteTarget {
     pub gateways: Vec<String>,
     /// The Rollout, as controller, so the route is garbage-collected with it.
     pub owner: OwnerReference,
+    /// The canary's own routes, written while a [`Split`] says `experiment`.
+    pub canary_routes: CanaryRoutes,
+}
+
+/// Routes that send particular requests to the canary during a release, besides the weighted split.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct CanaryRoutes {
+    /// A/B test: requests matching any entry go to the canary.
+    pub matches: Vec<HttpMatch>,
+    /// Blue-green mirroring: the percentage of requests copied to the canary.
+    pub mirror: Option<Weight>,
+    /// Sticky sessions for a weighted canary.
+    pub affinity: Option<SessionAffinity>,
+    /// Value of the sticky cookies: the revision being released, so every release starts afresh.
+    pub cookie_value: String,
+}
+
+impl CanaryRoutes {
+    pub fn is_empty(&self) -> bool {
+        self.matches.is_empty() && self.mirror.is_none() && self.affinity.is_none()
+    }
+
+    /// `Set-Cookie` value that makes a user sticky to the version that served them.
+    fn set_cookie(&self, name: &str, max_age: u32) -> String {
+        format!("{name}={}; Max-Age={max_age}; Path=/", self.cookie_value)
+    }
+}
+
+/// An RE2 regex matching a `Cookie` header that carries `name=value` (in any position).
+pub fn cookie_regex(name: &str, value: &str) -> String {
+    format!(
+        r"^(.*?;\s*)?({}={})(;.*)?$",
+        regex::escape(name),
+        regex::escape(value)
+    )
+}
+
+/// Names the canary-route features a mesh cannot express, as the message for `InvalidSpec`.
+fn unsupported_canary_routes(
+    routes: &CanaryRoutes,
+    mesh: &str,
+    matches: bool,
+    mirror: bool,
+    affinity: bool,
+) -> Option<String> {
+    let mut missing = Vec::new();
+    if !matches && !routes.matches.is_empty() {
+        missing.push("analysis.match (A/B testing)");
+    }
+    if !mirror && routes.mirror.is_some() {
+        missing.push("analysis.mirror");
+    }
+    if !affinity && routes.affinity.is_some() {
+        missing.push("analysis.sessionAffinity");
+    }
+    (!missing.is_empty()).then(|| {
+        format!(
+            "{mesh} cannot express {}; remove it or use provider istio or gatewayapi",
+            missing.join(", ")
+        )
+    })
 }
 
 impl RouteTarget {
@@ -61,6 +122,7 @@ impl RouteTarget {
             hosts: Vec::new(),
             gateways: Vec::new(),
             owner,
+            canary_routes: CanaryRoutes::default(),
         }
     }
 
@@ -81,11 +143,12 @@ impl RouteTarget {
     }
 }
 
-/// A two-way traffic split; always totals 100.
+/// A two-way traffic split; always totals 100. With `experiment`, the target's [`CanaryRoutes`] apply too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Split {
     primary: Weight,
     canary: Weight,
+    experiment: bool,
 }
 
 impl Split {
@@ -99,7 +162,18 @@ impl Split {
         Split {
             primary: canary.complement(),
             canary,
+            experiment: false,
         }
+    }
+
+    /// The same split with the canary's own routes on or off.
+    pub fn with_experiment(self, experiment: bool) -> Split {
+        Split { experiment, ..self }
+    }
+
+    /// Whether the canary's own routes (matches, mirror, sticky sessions) are on.
+    pub fn experiment(&self) -> bool {
+        self.experiment
     }
 
     pub fn primary(&self) -> Weight {
@@ -113,7 +187,11 @@ impl Split {
 
 impl fmt::Display for Split {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "primary {} / canary {}", self.primary, self.canary)
+        write!(f, "primary {} / canary {}", self.primary, self.canary)?;
+        if self.experiment {
+            write!(f, " + canary routes")?;
+        }
+        Ok(())
     }
 }
 
@@ -195,13 +273,22 @@ fn confirm(
     if split.primary() != primary {
         return None;
     }
-    let desired = router.desired(target, split);
-    let same_kind = live.get("kind") == desired.get("kind");
-    let holds_spec = match (desired.get("spec"), live.get("spec")) {
-        (Some(want), Some(have)) => contains(have, want),
-        _ => false,
+    // With the canary routes first: the plain object is contained in one that also has them.
+    let experiments: &[bool] = if target.canary_routes.is_empty() {
+        &[false]
+    } else {
+        &[true, false]
     };
-    (same_kind && holds_spec).then_some(split)
+    experiments.iter().find_map(|&experiment| {
+        let split = split.with_experiment(experiment);
+        let desired = router.desired(target, split);
+        let same_kind = live.get("kind") == desired.get("kind");
+        let holds_spec = match (desired.get("spec"), live.get("spec")) {
+            (Some(want), Some(have)) => contains(have, want),
+            _ => false,
+        };
+        (same_kind && holds_spec).then_some(split)
+    })
 }
 
 /// Whether `have` holds `want`: equal scalars, arrays of the same length whose elements hold each other,
@@ -251,6 +338,180 @@ pub(crate) mod tests {
                 "istio-system/shared-gateway".into(),
             ],
             ..plain_target()
+        }
+    }
+
+    /// Targets with each kind of canary route: A/B matches, blue-green mirroring, sticky sessions.
+    pub(crate) fn experiment_targets() -> Vec<(&'static str, RouteTarget)> {
+        let header = |exact: Option<&str>, prefix: Option<&str>, regex: Option<&str>| {
+            crate::api::StringMatch {
+                exact: exact.map(str::to_owned),
+                prefix: prefix.map(str::to_owned),
+                regex: regex.map(str::to_owned),
+            }
+        };
+        let ab = CanaryRoutes {
+            matches: vec![
+                HttpMatch {
+                    headers: [
+                        ("X-Canary".to_owned(), header(Some("insider"), None, None)),
+                        (
+                            "user-agent".to_owned(),
+                            header(None, Some("Mozilla/5.0 (iPhone"), None),
+                        ),
+                    ]
+                    .into(),
+                    cookie: None,
+                },
+                HttpMatch {
+                    headers: [(
+                        "x-tenant".to_owned(),
+                        header(None, None, Some("beta-[0-9]+")),
+                    )]
+                    .into(),
+                    cookie: None,
+                },
+                HttpMatch {
+                    headers: Default::default(),
+                    cookie: Some(crate::api::CookieMatch {
+                        name: "canary".into(),
+                        value: "always".into(),
+                    }),
+                },
+            ],
+            cookie_value: "5d8f9c".into(),
+            ..CanaryRoutes::default()
+        };
+        let mirror = CanaryRoutes {
+            mirror: Weight::new(30),
+            cookie_value: "5d8f9c".into(),
+            ..CanaryRoutes::default()
+        };
+        let sticky = CanaryRoutes {
+            affinity: Some(SessionAffinity {
+                cookie_name: "sluice-canary".into(),
+                primary_cookie_name: Some("sluice-primary".into()),
+                max_age: 3600,
+            }),
+            cookie_value: "5d8f9c".into(),
+            ..CanaryRoutes::default()
+        };
+        [("ab", ab), ("mirror", mirror), ("sticky", sticky)]
+            .into_iter()
+            .map(|(name, canary_routes)| {
+                (
+                    name,
+                    RouteTarget {
+                        canary_routes,
+                        ..plain_target()
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Every rule's (or splitter's) weights total 100, the canary's own rules included.
+    fn rules_total_100(object: &Value) -> bool {
+        let rules = object
+            .pointer("/spec/http")
+            .or_else(|| object.pointer("/spec/rules"))
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_else(|| vec![object.clone()]);
+        rules
+            .iter()
+            .all(|rule| weights(rule).iter().sum::<u64>() == 100)
+    }
+
+    #[test]
+    fn canary_routes_apply_only_with_experiment_and_read_back() {
+        for router in routers() {
+            for (name, target) in experiment_targets() {
+                let provider = router.provider();
+                if let Some(why) = router.unsupported(&target) {
+                    // Meshes that cannot express the feature say which field and what to do.
+                    assert!(why.contains("analysis."), "{provider:?} {name}: {why}");
+                    continue;
+                }
+                for canary in [0, 10, 100] {
+                    let off = split(canary);
+                    let on = off.with_experiment(true);
+                    let plain = router.desired(&plain_target(), off);
+                    let without = router.desired(&target, off);
+                    let with = router.desired(&target, on);
+                    assert_eq!(
+                        plain, without,
+                        "{provider:?} {name}: off means no extra route"
+                    );
+                    assert_ne!(with, without, "{provider:?} {name}: on adds routes");
+                    assert!(rules_total_100(&with), "{provider:?} {name}: {with}");
+                    assert_eq!(
+                        router.observed_split(&with, &target),
+                        Some(on),
+                        "{provider:?} {name}"
+                    );
+                    assert_eq!(
+                        router.observed_split(&without, &target),
+                        Some(off),
+                        "{provider:?} {name}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn canary_route_support_per_mesh() {
+        let support: Vec<(String, Vec<&str>)> = PROVIDERS
+            .into_iter()
+            .map(|provider| {
+                let router = router_for(provider);
+                let supported = experiment_targets()
+                    .into_iter()
+                    .filter(|(_, target)| router.unsupported(target).is_none())
+                    .map(|(name, _)| name)
+                    .collect();
+                (format!("{provider:?}"), supported)
+            })
+            .collect();
+        assert_eq!(
+            support,
+            vec![
+                ("Istio".to_owned(), vec!["ab", "mirror", "sticky"]),
+                ("GatewayApi".to_owned(), vec!["ab", "mirror", "sticky"]),
+                ("Linkerd".to_owned(), vec!["ab"]),
+                ("Smi".to_owned(), vec![]),
+                ("SmiV1alpha1".to_owned(), vec![]),
+                ("Consul".to_owned(), vec![]),
+            ]
+        );
+        let linkerd = router_for(Provider::Linkerd);
+        let why = linkerd
+            .unsupported(&experiment_targets()[1].1)
+            .unwrap_or_default();
+        assert!(
+            why.contains("Linkerd rejects HTTPRoute RequestMirror"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn cookie_regex_matches_the_cookie_anywhere_and_only_it() {
+        let re = regex::Regex::new(&cookie_regex("sluice-canary", "5d8f9c")).expect("valid regex");
+        for yes in [
+            "sluice-canary=5d8f9c",
+            "a=1; sluice-canary=5d8f9c",
+            "a=1;sluice-canary=5d8f9c; b=2",
+        ] {
+            assert!(re.is_match(yes), "{yes}");
+        }
+        for no in [
+            "sluice-canary=5d8f9c0",
+            "xsluice-canary=5d8f9c",
+            "sluice-canary=old",
+            "a=sluice-canary=5d8f9c",
+        ] {
+            assert!(!re.is_match(no), "{no}");
         }
     }
 

@@ -4,7 +4,7 @@
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 
-use super::{RouteTarget, Router, Split, confirm, weight_of};
+use super::{RouteTarget, Router, Split, confirm, unsupported_canary_routes, weight_of};
 use crate::api::{Provider, Weight};
 
 const GROUP: &str = "split.smi-spec.io";
@@ -87,6 +87,15 @@ impl Router for SmiRouter {
     }
 
     fn unsupported(&self, target: &RouteTarget) -> Option<String> {
+        if let Some(why) = unsupported_canary_routes(
+            &target.canary_routes,
+            "an SMI TrafficSplit",
+            false,
+            false,
+            false,
+        ) {
+            return Some(why);
+        }
         (!target.hosts.is_empty() || !target.gateways.is_empty()).then(|| {
             "an SMI TrafficSplit only splits the Service inside the mesh: spec.service.hosts and spec.service.gateways cannot be honoured; remove them (on Linkerd, provider linkerd supports hosts)".to_owned()
         })
