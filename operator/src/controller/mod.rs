@@ -5,6 +5,7 @@
 pub mod authz;
 pub mod gate;
 pub mod outbox;
+pub mod webhook;
 pub mod workload;
 
 use std::sync::Arc;
@@ -26,11 +27,14 @@ use thiserror::Error;
 
 use crate::api::{
     AlertProvider, AlertProviderType, AlertSeverity, FIELD_MANAGER, MetricVerdict, Rollout,
-    RolloutAlert, RolloutStatus, Verdict,
+    RolloutAlert, RolloutStatus, Verdict, WebhookType,
 };
 use crate::metrics::{Prometheus, QueryContext};
 use crate::notify::{Deliverer, Notification, Severity, Sink};
-use crate::rollout::{Checks, Desired, Observed, PlanInput, checks_due, plan, set_condition};
+use crate::rollout::{
+    Checks, Desired, Gate, NextMove, Observed, PlanInput, checks_due, hooks_due, next_move, plan,
+    set_condition,
+};
 use crate::telemetry::Telemetry;
 use crate::traffic::{CanaryRoutes, RouteTarget, Split, router_for};
 use workload::Names;
@@ -252,6 +256,16 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
         gate: None,
         hooks: Default::default(),
     };
+    let http = ctx.deliverer.http();
+    let due = hooks_due(&rollout.spec, &status, &observed);
+    if due.confirm_rollout {
+        observed.hooks.rollout_unconfirmed =
+            webhook::first_refusal(http, rollout, &status, WebhookType::ConfirmRollout).await;
+    }
+    if due.pre_rollout {
+        observed.hooks.pre_rollout_failed =
+            webhook::first_refusal(http, rollout, &status, WebhookType::PreRollout).await;
+    }
     let now = jiff::Timestamp::now();
     // A step is judged only once the mesh applies its split: until Consul reports the splitter Synced,
     // metrics would describe the previous split.
@@ -264,11 +278,15 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
     };
     if let Checks::Ran(verdicts) = &checks {
         verdicts.iter().for_each(|v| ctx.telemetry.check(v.verdict));
-        // The gates are asked only when the metrics would let the release move on.
-        if !rollout.spec.analysis.policies.is_empty()
-            && verdicts.iter().all(|v| v.verdict == Verdict::Pass)
+        observed.hooks.rollout_failed =
+            webhook::failures(http, rollout, &status, WebhookType::Rollout).await;
+        observed.hooks.rollback_requested =
+            webhook::rollback_requested(http, rollout, &status).await;
+        // The gates are asked only when the checks would let the release move on.
+        if verdicts.iter().all(|v| v.verdict == Verdict::Pass)
+            && observed.hooks.rollout_failed.is_empty()
         {
-            observed.gate = Some(gate::ask_gates(&ctx.client, rollout, verdicts).await);
+            observed.gate = ask_gates(rollout, &status, verdicts, ctx).await;
         }
     }
     let generation = rollout.metadata.generation.unwrap_or(0);
@@ -314,6 +332,7 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
         )
         .await?;
     }
+    webhook::notify(http, rollout, &next_status, &plan.transitions);
     for transition in &plan.transitions {
         ctx.telemetry.transition(transition.reason);
         let event = Event {
@@ -339,6 +358,47 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
             due.max(Duration::from_millis(200)).min(plan.requeue_after)
         });
     Ok(Action::requeue(requeue))
+}
+
+/// The Rego gates, then the confirm webhook for the next move (`confirm-traffic-increase` before a weight
+/// increase, `confirm-promotion` before the promotion). `None` when the Rollout has neither.
+async fn ask_gates(
+    rollout: &Rollout,
+    status: &RolloutStatus,
+    verdicts: &[MetricVerdict],
+    ctx: &Context,
+) -> Option<Gate> {
+    let confirm = match next_move(&rollout.spec, status) {
+        NextMove::Promotion => Some(WebhookType::ConfirmPromotion),
+        NextMove::Stage {
+            raises_weight: true,
+        } => Some(WebhookType::ConfirmTrafficIncrease),
+        NextMove::Stage { .. } => None,
+    }
+    .filter(|&t| webhook::of_type(rollout, t).next().is_some());
+    if rollout.spec.analysis.policies.is_empty() && confirm.is_none() {
+        return None;
+    }
+    let mut allowed = match rollout.spec.analysis.policies.is_empty() {
+        true => Vec::new(),
+        false => match gate::ask_gates(&ctx.client, rollout, verdicts).await {
+            Gate::Allowed(names) => names,
+            denied => return Some(denied),
+        },
+    };
+    if let Some(type_) = confirm {
+        if let Some((hook, why)) =
+            webhook::first_refusal(ctx.deliverer.http(), rollout, status, type_).await
+        {
+            return Some(Gate::Denied {
+                by: format!("webhook {hook}"),
+                reasons: vec![why],
+                rollback: false,
+            });
+        }
+        allowed.extend(webhook::of_type(rollout, type_).map(|h| format!("webhook {}", h.name)));
+    }
+    Some(Gate::Allowed(allowed))
 }
 
 fn alerts_of(rollout: &Rollout, ctx: &Context) -> Vec<RolloutAlert> {

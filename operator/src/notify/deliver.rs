@@ -76,6 +76,11 @@ impl Deliverer {
         Ok(Self { client })
     }
 
+    /// The HTTP client (timeouts, proxy, TLS) for other outgoing calls, such as webhooks.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.client
+    }
+
     /// POSTs `n` to `sink` once. Any 2xx is success.
     pub async fn deliver(&self, sink: &Sink, n: &Notification) -> Result<(), DeliveryError> {
         let name = sink.name();
@@ -141,7 +146,7 @@ async fn body_prefix(mut response: reqwest::Response) -> String {
 }
 
 /// An error and all its causes, e.g. "error sending request: client error (Connect): Connection refused".
-fn error_chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

@@ -62,6 +62,7 @@ mod tests;
 
 use std::fmt;
 
+pub(crate) use deliver::error_chain;
 pub use deliver::{Deliverer, DeliveryError};
 
 /// How bad a notification is; sets colours and the Alertmanager `severity` label.
