@@ -23,6 +23,7 @@ fn ctx(target: &str) -> QueryContext {
         service: target.into(),
         interval: "10s".into(),
         variables: BTreeMap::new(),
+        statefulset: false,
     }
 }
 

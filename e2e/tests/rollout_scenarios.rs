@@ -94,6 +94,7 @@ fn route_target() -> RouteTarget {
         hosts: vec![],
         gateways: vec![],
         owner: Default::default(),
+        canary_routes: Default::default(),
     }
 }
 
@@ -565,6 +566,7 @@ async fn simulate_agrees_with_the_operator_on_the_same_series() {
         service: "podinfo".into(),
         interval: "3s".into(),
         variables: Default::default(),
+        statefulset: false,
     };
     let queries =
         sluice::metrics::builtin(Provider::Istio, "request-success-rate", &ctx).expect("builtin");

@@ -7,9 +7,8 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -230,30 +229,36 @@ async fn rollout_command(
         }
         RolloutCommand::Undo { name } => {
             let rollout = get_rollout(&api, &name, namespace).await?;
-            let deployments: Api<Deployment> = Api::namespaced(client, namespace);
+            let kind = rollout.spec.target_ref.kind;
+            let kind_name = crate::controller::kind_name(kind).to_lowercase();
+            let deployments: Api<DynamicObject> = Api::namespaced_with(
+                client,
+                namespace,
+                &crate::controller::workload::api_resource(kind),
+            );
             let target = &rollout.spec.target_ref.name;
             let primary_name = format!("{target}-primary");
             let primary = deployments.get_opt(&primary_name).await?.ok_or_else(|| {
                 RolloutCliError::Refused(format!(
-                    "deployment {primary_name} does not exist yet: there is no promoted revision to go back to"
+                    "{kind_name} {primary_name} does not exist yet: there is no promoted revision to go back to"
                 ))
             })?;
-            let template = primary.spec.map(|s| s.template).ok_or_else(|| {
-                RolloutCliError::Refused(format!("deployment {primary_name} has no pod template"))
-            })?;
-            let mut template = serde_json::to_value(template)
-                .map_err(|e| RolloutCliError::Refused(e.to_string()))?;
+            let mut template =
+                primary
+                    .data
+                    .pointer("/spec/template")
+                    .cloned()
+                    .ok_or_else(|| {
+                        RolloutCliError::Refused(format!(
+                            "{kind_name} {primary_name} has no pod template"
+                        ))
+                    })?;
             // The primary's pods carry `<target>-primary` labels; the target's keep their own.
             let current = deployments.get_opt(target).await?.ok_or_else(|| {
-                RolloutCliError::Refused(format!("target deployment {target} not found"))
+                RolloutCliError::Refused(format!("target {kind_name} {target} not found"))
             })?;
-            if let Some(labels) = current
-                .spec
-                .as_ref()
-                .and_then(|s| s.template.metadata.as_ref())
-                .and_then(|m| m.labels.clone())
-            {
-                template["metadata"]["labels"] = json!(labels);
+            if let Some(labels) = current.data.pointer("/spec/template/metadata/labels") {
+                template["metadata"]["labels"] = labels.clone();
             }
             deployments
                 .patch(

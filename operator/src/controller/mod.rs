@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
@@ -22,13 +22,21 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use serde_json::json;
+use serde_json::{Value, json};
 use thiserror::Error;
 
 use crate::api::{
     AlertProvider, AlertProviderType, AlertSeverity, FIELD_MANAGER, MetricVerdict, Rollout,
-    RolloutAlert, RolloutStatus, Verdict, WebhookType,
+    RolloutAlert, RolloutStatus, TargetKind, Verdict, WebhookType,
 };
+
+/// The kind's name, for messages.
+pub fn kind_name(kind: TargetKind) -> &'static str {
+    match kind {
+        TargetKind::Deployment => "Deployment",
+        TargetKind::StatefulSet => "StatefulSet",
+    }
+}
 use crate::metrics::{Prometheus, QueryContext};
 use crate::notify::{Deliverer, Notification, Severity, Sink};
 use crate::rollout::{
@@ -106,6 +114,7 @@ pub async fn run(
 ) {
     let rollouts: Api<Rollout> = Api::all(client.clone());
     let deployments: Api<Deployment> = Api::all(client.clone());
+    let statefulsets: Api<StatefulSet> = Api::all(client.clone());
     let reporter = Reporter {
         controller: "sluice".into(),
         instance: std::env::var("POD_NAME").ok(),
@@ -121,23 +130,20 @@ pub async fn run(
     });
     let controller = Controller::new(rollouts, watcher::Config::default());
     let store = controller.store();
+    let statefulset_store = store.clone();
     telemetry.set_ready();
     controller
         // A change of the target or the primary wakes the Rollout that points at it.
         .watches(
             deployments,
             watcher::Config::default(),
-            move |deployment: Deployment| {
-                let namespace = deployment.namespace().unwrap_or_default();
-                let name = deployment.name_any();
-                let target = name.strip_suffix("-primary").unwrap_or(&name).to_owned();
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|r| r.namespace().as_deref() == Some(namespace.as_str()))
-                    .filter(|r| r.spec.target_ref.name == target || r.spec.target_ref.name == name)
-                    .map(|r| ObjectRef::from_obj(&*r))
-                    .collect::<Vec<_>>()
+            move |deployment: Deployment| rollouts_of(&store, TargetKind::Deployment, &deployment),
+        )
+        .watches(
+            statefulsets,
+            watcher::Config::default(),
+            move |statefulset: StatefulSet| {
+                rollouts_of(&statefulset_store, TargetKind::StatefulSet, &statefulset)
             },
         )
         .shutdown_on_signal()
@@ -148,6 +154,40 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// The Rollouts whose target (or primary) is `workload`.
+fn rollouts_of<K: Resource>(
+    store: &kube::runtime::reflector::Store<Rollout>,
+    kind: TargetKind,
+    workload: &K,
+) -> Vec<ObjectRef<Rollout>> {
+    let namespace = workload.meta().namespace.clone().unwrap_or_default();
+    let name = workload.meta().name.clone().unwrap_or_default();
+    let target = name.strip_suffix("-primary").unwrap_or(&name);
+    store
+        .state()
+        .into_iter()
+        .filter(|r| r.namespace().as_deref() == Some(namespace.as_str()))
+        .filter(|r| r.spec.target_ref.kind == kind)
+        .filter(|r| r.spec.target_ref.name == target || r.spec.target_ref.name == name)
+        .map(|r| ObjectRef::from_obj(&*r))
+        .collect()
+}
+
+/// The Api of the Rollout's target kind, and the target and primary as JSON.
+async fn workloads(
+    rollout: &Rollout,
+    names: &Names,
+    ctx: &Context,
+) -> Result<(Api<DynamicObject>, Option<Value>, Option<Value>), Error> {
+    let resource = workload::api_resource(rollout.spec.target_ref.kind);
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), &names.namespace, &resource);
+    let as_json = |o: Option<DynamicObject>| o.and_then(|o| serde_json::to_value(o).ok());
+    let target = as_json(api.get_opt(&names.target).await?);
+    let primary = as_json(api.get_opt(&names.primary).await?);
+    Ok((api, target, primary))
 }
 
 /// Backoff after the n-th consecutive failure: 1s, 2s, 4s … capped at 60s.
@@ -208,10 +248,9 @@ fn patch_params() -> PatchParams {
 /// Observes, plans, converges. Writes nothing when nothing changed.
 async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
     let names = Names::of(rollout);
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &names.namespace);
-    let target = deployments.get_opt(&names.target).await?;
-    let primary = deployments.get_opt(&names.primary).await?;
+    let (workload_api, target, primary) = workloads(rollout, &names, ctx).await?;
     let status = rollout.status.clone().unwrap_or_default();
+    let kind = kind_name(rollout.spec.target_ref.kind);
 
     if let Some(target) = &target
         && workload::selector_labels(target).is_empty()
@@ -220,7 +259,7 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
                 rollout,
                 ctx,
                 &status,
-                format!("Deployment {} has no spec.selector.matchLabels; Sluice needs them to tell primary and canary pods apart", names.target),
+                format!("{kind} {} has no spec.selector.matchLabels; Sluice needs them to tell primary and canary pods apart", names.target),
             )
             .await;
     }
@@ -300,7 +339,14 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
     });
 
     if let (Some(desired), Some(target)) = (plan.desired, &target) {
-        converge(rollout, &names, ctx, desired, target, primary.as_ref()).await?;
+        converge(
+            rollout,
+            &names,
+            ctx,
+            desired,
+            (&workload_api, target, primary.as_ref()),
+        )
+        .await?;
     }
     // Transitions enter the outbox in the same status write as the transition itself, so a restart between
     // here and a successful delivery still delivers.
@@ -560,6 +606,7 @@ async fn run_checks(rollout: &Rollout, names: &Names, ctx: &Context) -> Checks {
             service: names.service.clone(),
             interval: window.0.clone(),
             variables: metric.template_variables.clone(),
+            statefulset: rollout.spec.target_ref.kind == TargetKind::StatefulSet,
         };
         match ctx
             .prometheus
@@ -585,13 +632,11 @@ async fn converge(
     names: &Names,
     ctx: &Context,
     desired: Desired,
-    target: &Deployment,
-    primary: Option<&Deployment>,
+    (deployments, target, primary): (&Api<DynamicObject>, &Value, Option<&Value>),
 ) -> Result<(), Error> {
     let Some(owner) = owner(rollout) else {
         return Ok(());
     };
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &names.namespace);
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &names.namespace);
 
     // 1. The primary: created from the target, and rewritten from it when promoting.
@@ -601,7 +646,14 @@ async fn converge(
         let replicas = primary
             .map(workload::replicas)
             .unwrap_or_else(|| workload::replicas(target).max(1));
-        let object = workload::primary_deployment(names, target, replicas, &owner);
+        let object = workload::primary_workload(
+            names,
+            rollout.spec.target_ref.kind,
+            target,
+            primary,
+            replicas,
+            &owner,
+        );
         deployments
             .patch(&names.primary, &patch_params(), &Patch::Apply(object))
             .await?;
@@ -643,7 +695,7 @@ async fn converge(
         0
     };
     if desired.canary_up && canary_replicas != want_canary {
-        scale(&deployments, &names.target, want_canary).await?;
+        scale(deployments, &names.target, want_canary).await?;
     }
 
     // 4. ...move traffic...
@@ -678,7 +730,7 @@ async fn converge(
 
     // 5. ...and scale it down only once the route sends it nothing.
     if !desired.canary_up && canary_replicas != 0 {
-        scale(&deployments, &names.target, 0).await?;
+        scale(deployments, &names.target, 0).await?;
     }
     Ok(())
 }
@@ -729,7 +781,7 @@ async fn route_synced(rollout: &Rollout, names: &Names, ctx: &Context) -> Result
         .is_some_and(|v| router.synced(&v)))
 }
 
-async fn scale(deployments: &Api<Deployment>, name: &str, replicas: i32) -> Result<(), Error> {
+async fn scale(deployments: &Api<DynamicObject>, name: &str, replicas: i32) -> Result<(), Error> {
     let patch = json!({"spec": {"replicas": replicas}});
     deployments
         .patch_scale(name, &PatchParams::default(), &Patch::Merge(patch))
@@ -817,10 +869,9 @@ async fn invalid_spec(
 /// A Rollout is being deleted: give the traffic back to the user's Deployment, then remove what Sluice made.
 async fn cleanup(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
     let names = Names::of(rollout);
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let (deployments, target, primary) = workloads(rollout, &names, ctx).await?;
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &names.namespace);
-    if let Some(target) = deployments.get_opt(&names.target).await? {
-        let primary = deployments.get_opt(&names.primary).await?;
+    if let Some(target) = target {
         let replicas = primary.as_ref().map(workload::replicas).unwrap_or(1).max(1);
         if workload::replicas(&target) == 0 {
             scale(&deployments, &names.target, replicas).await?;

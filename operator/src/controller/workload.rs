@@ -1,17 +1,26 @@
-//! Pure builders for the objects Sluice derives from the user's workload: the revision hash, the
-//! `<target>-primary` Deployment, the three Services, and readiness.
+//! Pure builders for the objects Sluice derives from the user's workload (a Deployment or a StatefulSet,
+//! handled as JSON): the revision hash, the `<target>-primary` copy, the three Services, and readiness.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{PodTemplateSpec, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::{Value, json};
 
-use crate::api::{MANAGED_BY_LABEL, Rollout};
+use crate::api::{MANAGED_BY_LABEL, Rollout, TargetKind};
 
 /// Annotation on the primary recording which target revision it runs.
 pub const REVISION_ANNOTATION: &str = "sluice.dev/revision";
+
+/// The `apps/v1` resource of a target kind, for a dynamic Api.
+pub fn api_resource(kind: TargetKind) -> ApiResource {
+    let (kind, plural) = match kind {
+        TargetKind::Deployment => ("Deployment", "deployments"),
+        TargetKind::StatefulSet => ("StatefulSet", "statefulsets"),
+    };
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("apps", "v1", kind), plural)
+}
 
 /// Names of everything a Rollout manages.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,61 +64,61 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// The revision of a Deployment's pod template (serde_json maps are sorted, so the JSON is canonical).
-pub fn template_revision(deployment: &Deployment) -> Option<String> {
-    let template = deployment.spec.as_ref().map(|s| &s.template)?;
-    let json = serde_json::to_vec(template).ok()?;
+/// The revision of a workload's pod template. The template goes through the typed `PodTemplateSpec` so the
+/// JSON (and the hash) is canonical, whatever the kind and whatever extra fields the server returned.
+pub fn template_revision(workload: &Value) -> Option<String> {
+    let template: PodTemplateSpec =
+        serde_json::from_value(workload.pointer("/spec/template")?.clone()).ok()?;
+    let json = serde_json::to_vec(&template).ok()?;
     Some(format!("{:010x}", fnv1a(&json) & 0xff_ffff_ffff))
 }
 
 /// The revision the primary runs, as recorded when Sluice wrote it.
-pub fn primary_revision(primary: &Deployment) -> Option<String> {
+pub fn primary_revision(primary: &Value) -> Option<String> {
     primary
-        .metadata
-        .annotations
-        .as_ref()?
-        .get(REVISION_ANNOTATION)
-        .cloned()
+        .pointer("/metadata/annotations")?
+        .get(REVISION_ANNOTATION)?
+        .as_str()
+        .map(str::to_owned)
 }
 
-/// All replicas of the current template are updated and available.
-pub fn is_ready(deployment: &Deployment) -> bool {
-    let want = deployment
-        .spec
-        .as_ref()
-        .and_then(|s| s.replicas)
-        .unwrap_or(1);
-    let Some(status) = &deployment.status else {
+fn int_at(workload: &Value, pointer: &str) -> Option<i64> {
+    workload.pointer(pointer).and_then(Value::as_i64)
+}
+
+/// All replicas of the current template are updated, ready and available (Deployments and StatefulSets
+/// report the same status fields).
+pub fn is_ready(workload: &Value) -> bool {
+    let want = i64::from(replicas(workload));
+    if workload.get("status").is_none() {
         return false;
-    };
-    let observed =
-        status.observed_generation.unwrap_or(0) >= deployment.metadata.generation.unwrap_or(0);
+    }
+    let observed = int_at(workload, "/status/observedGeneration").unwrap_or(0)
+        >= int_at(workload, "/metadata/generation").unwrap_or(0);
+    let count = |field: &str| int_at(workload, &format!("/status/{field}")).unwrap_or(0);
     want > 0
         && observed
-        && status.updated_replicas.unwrap_or(0) >= want
-        && status.available_replicas.unwrap_or(0) >= want
-        && status.ready_replicas.unwrap_or(0) >= want
+        && count("updatedReplicas") >= want
+        && count("availableReplicas") >= want
+        && count("readyReplicas") >= want
 }
 
-pub fn replicas(deployment: &Deployment) -> i32 {
-    deployment
-        .spec
-        .as_ref()
-        .and_then(|s| s.replicas)
+pub fn replicas(workload: &Value) -> i32 {
+    int_at(workload, "/spec/replicas")
+        .and_then(|r| i32::try_from(r).ok())
         .unwrap_or(1)
 }
 
 /// The target's selector labels.
-pub fn selector_labels(target: &Deployment) -> BTreeMap<String, String> {
+pub fn selector_labels(target: &Value) -> BTreeMap<String, String> {
     target
-        .spec
-        .as_ref()
-        .and_then(|s| s.selector.match_labels.clone())
+        .pointer("/spec/selector/matchLabels")
+        .and_then(|l| serde_json::from_value(l.clone()).ok())
         .unwrap_or_default()
 }
 
 /// Primary pods carry the target's selector labels with `-primary` appended, so Services can tell them apart.
-pub fn primary_labels(target: &Deployment) -> BTreeMap<String, String> {
+pub fn primary_labels(target: &Value) -> BTreeMap<String, String> {
     selector_labels(target)
         .into_iter()
         .map(|(k, v)| (k, format!("{v}-primary")))
@@ -120,23 +129,35 @@ fn managed_labels() -> Value {
     json!({ MANAGED_BY_LABEL.0: MANAGED_BY_LABEL.1 })
 }
 
-/// The primary Deployment running `target`'s current pod template (`replicas` as given).
-pub fn primary_deployment(
+/// StatefulSet fields the primary copies from the target; the first three are immutable, so once the
+/// primary exists they keep its own values.
+const STATEFULSET_IMMUTABLE: [&str; 3] =
+    ["serviceName", "volumeClaimTemplates", "podManagementPolicy"];
+const STATEFULSET_MUTABLE: [&str; 5] = [
+    "updateStrategy",
+    "persistentVolumeClaimRetentionPolicy",
+    "minReadySeconds",
+    "revisionHistoryLimit",
+    "ordinals",
+];
+
+/// The primary workload running `target`'s current pod template (`replicas` as given). For a StatefulSet,
+/// `existing` (the live primary) supplies the fields that cannot change after creation.
+pub fn primary_workload(
     names: &Names,
-    target: &Deployment,
+    kind: TargetKind,
+    target: &Value,
+    existing: Option<&Value>,
     replicas: i32,
     owner: &OwnerReference,
 ) -> Value {
     let revision = template_revision(target).unwrap_or_default();
     let labels = primary_labels(target);
     let mut template = target
-        .spec
-        .as_ref()
-        .map(|s| serde_json::to_value(&s.template).unwrap_or(Value::Null))
-        .unwrap_or(Value::Null);
-    if !template.is_object() {
-        template = json!({});
-    }
+        .pointer("/spec/template")
+        .cloned()
+        .filter(Value::is_object)
+        .unwrap_or_else(|| json!({}));
     let template_labels = template
         .pointer("/metadata/labels")
         .and_then(Value::as_object)
@@ -150,9 +171,31 @@ pub fn primary_deployment(
         )
         .collect::<serde_json::Map<_, _>>();
     template["metadata"]["labels"] = Value::Object(template_labels);
+    let mut spec = json!({
+        "replicas": replicas,
+        "selector": {"matchLabels": labels},
+        "template": template,
+    });
+    let kind_name = match kind {
+        TargetKind::Deployment => "Deployment",
+        TargetKind::StatefulSet => "StatefulSet",
+    };
+    if kind == TargetKind::StatefulSet {
+        for field in STATEFULSET_IMMUTABLE {
+            let from = existing.unwrap_or(target);
+            if let Some(value) = from.pointer(&format!("/spec/{field}")) {
+                spec[field] = value.clone();
+            }
+        }
+        for field in STATEFULSET_MUTABLE {
+            if let Some(value) = target.pointer(&format!("/spec/{field}")) {
+                spec[field] = value.clone();
+            }
+        }
+    }
     json!({
         "apiVersion": "apps/v1",
-        "kind": "Deployment",
+        "kind": kind_name,
         "metadata": {
             "name": names.primary,
             "namespace": names.namespace,
@@ -160,11 +203,7 @@ pub fn primary_deployment(
             "annotations": { REVISION_ANNOTATION: revision },
             "ownerReferences": [owner],
         },
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": labels},
-            "template": template,
-        }
+        "spec": spec,
     })
 }
 
@@ -248,8 +287,8 @@ pub fn service_matches(live: &Service, desired: &Value) -> bool {
 mod tests {
     use super::*;
 
-    fn target(image: &str) -> Deployment {
-        serde_json::from_value(json!({
+    fn target(image: &str) -> Value {
+        json!({
             "metadata": {"name": "podinfo", "namespace": "test", "generation": 2},
             "spec": {
                 "replicas": 3,
@@ -258,17 +297,16 @@ mod tests {
                              "spec": {"containers": [{"name": "app", "image": image}]}}
             },
             "status": {"observedGeneration": 2, "replicas": 3, "updatedReplicas": 3, "readyReplicas": 3, "availableReplicas": 3}
-        }))
-        .expect("deployment")
+        })
     }
 
     #[test]
     fn revisions_follow_the_pod_template_only() {
         let a = target("podinfo:1");
         let mut scaled = a.clone();
-        if let Some(spec) = scaled.spec.as_mut() {
-            spec.replicas = Some(0);
-        }
+        scaled["spec"]["replicas"] = json!(0);
+        // Fields the server adds that are not part of a pod template do not change the revision.
+        scaled["spec"]["template"]["unknownField"] = json!(true);
         assert_eq!(
             template_revision(&a),
             template_revision(&scaled),
@@ -286,13 +324,14 @@ mod tests {
         let ready = target("x");
         assert!(is_ready(&ready));
         let mut stale = ready.clone();
-        stale.metadata.generation = Some(3);
+        stale["metadata"]["generation"] = json!(3);
         assert!(!is_ready(&stale));
         let mut short = ready.clone();
-        if let Some(status) = short.status.as_mut() {
-            status.available_replicas = Some(2);
-        }
+        short["status"]["availableReplicas"] = json!(2);
         assert!(!is_ready(&short));
+        let mut fresh = ready.clone();
+        fresh.as_object_mut().map(|o| o.remove("status"));
+        assert!(!is_ready(&fresh));
     }
 
     #[test]
@@ -314,7 +353,8 @@ mod tests {
             controller: Some(true),
             block_owner_deletion: None,
         };
-        let primary = primary_deployment(&names, &t, 3, &owner);
+        let primary = primary_workload(&names, TargetKind::Deployment, &t, None, 3, &owner);
+        assert_eq!(primary["kind"], "Deployment");
         assert_eq!(
             primary["spec"]["selector"]["matchLabels"],
             json!({"app": "podinfo-primary"})
@@ -331,5 +371,70 @@ mod tests {
             primary["spec"]["template"]["spec"]["containers"][0]["image"],
             "podinfo:1"
         );
+    }
+
+    #[test]
+    fn a_statefulset_primary_keeps_its_immutable_fields() {
+        let names = Names {
+            namespace: "test".into(),
+            target: "db".into(),
+            primary: "db-primary".into(),
+            service: "db".into(),
+            service_primary: "db-primary".into(),
+            service_canary: "db-canary".into(),
+        };
+        let owner = OwnerReference {
+            api_version: "sluice.dev/v1alpha1".into(),
+            kind: "Rollout".into(),
+            name: "db".into(),
+            uid: "u".into(),
+            controller: Some(true),
+            block_owner_deletion: None,
+        };
+        let claims = |size: &str| json!([{"metadata": {"name": "data"}, "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}}}]);
+        let mut target = target("db:1");
+        target["spec"]["serviceName"] = json!("db-headless");
+        target["spec"]["volumeClaimTemplates"] = claims("1Gi");
+        target["spec"]["podManagementPolicy"] = json!("Parallel");
+        target["spec"]["updateStrategy"] = json!({"type": "RollingUpdate"});
+        let created = primary_workload(&names, TargetKind::StatefulSet, &target, None, 2, &owner);
+        assert_eq!(created["kind"], "StatefulSet");
+        assert_eq!(created["spec"]["serviceName"], "db-headless");
+        assert_eq!(created["spec"]["volumeClaimTemplates"], claims("1Gi"));
+        assert_eq!(created["spec"]["podManagementPolicy"], "Parallel");
+        assert_eq!(
+            created["spec"]["updateStrategy"],
+            json!({"type": "RollingUpdate"})
+        );
+        assert_eq!(
+            created["spec"]["selector"]["matchLabels"],
+            json!({"app": "podinfo-primary"})
+        );
+        // The user grew the volumes and changed the strategy in the target: the API server would refuse the
+        // volume change on the primary, so only the mutable field follows.
+        target["spec"]["volumeClaimTemplates"] = claims("5Gi");
+        target["spec"]["updateStrategy"] = json!({"type": "OnDelete"});
+        target["spec"]["template"]["spec"]["containers"][0]["image"] = json!("db:2");
+        let promoted = primary_workload(
+            &names,
+            TargetKind::StatefulSet,
+            &target,
+            Some(&created),
+            2,
+            &owner,
+        );
+        assert_eq!(promoted["spec"]["volumeClaimTemplates"], claims("1Gi"));
+        assert_eq!(
+            promoted["spec"]["updateStrategy"],
+            json!({"type": "OnDelete"})
+        );
+        assert_eq!(
+            promoted["spec"]["template"]["spec"]["containers"][0]["image"],
+            "db:2"
+        );
+        // A Deployment primary never gets StatefulSet fields.
+        let deployment = primary_workload(&names, TargetKind::Deployment, &target, None, 2, &owner);
+        assert_eq!(deployment["spec"].get("serviceName"), None);
+        assert_eq!(api_resource(TargetKind::StatefulSet).plural, "statefulsets");
     }
 }

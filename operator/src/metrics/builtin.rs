@@ -28,8 +28,13 @@ pub fn builtin(provider: Provider, name: &str, ctx: &QueryContext) -> Option<Met
 
 fn linkerd(name: &str, ctx: &QueryContext) -> Option<MetricQueries> {
     // direction="inbound": the canary's own proxy sees each request once; outbound series are the callers'.
+    let workload = if ctx.statefulset {
+        "statefulset"
+    } else {
+        "deployment"
+    };
     let selector = format!(
-        r#"direction="inbound",namespace="{}",deployment="{}""#,
+        r#"direction="inbound",namespace="{}",{workload}="{}""#,
         label_value(&ctx.namespace),
         label_value(&ctx.target),
     );
@@ -53,8 +58,14 @@ fn linkerd(name: &str, ctx: &QueryContext) -> Option<MetricQueries> {
 fn consul(name: &str, ctx: &QueryContext) -> Option<MetricQueries> {
     // The canary's Envoy sidecar reports requests to its own app as the `local_app` cluster. Pods are matched
     // by name (`<target>-<hash>-<id>`), which does not depend on how the pods are registered in Consul.
+    // A StatefulSet's pods are `<target>-<ordinal>`; the primary's (`<target>-primary-<ordinal>`) must not match.
+    let pods = if ctx.statefulset {
+        "[0-9]+"
+    } else {
+        "[0-9a-zA-Z]+(-[0-9a-zA-Z]+)"
+    };
     let selector = format!(
-        r#"envoy_cluster_name="local_app",namespace="{}",pod=~"{}-[0-9a-zA-Z]+(-[0-9a-zA-Z]+)""#,
+        r#"envoy_cluster_name="local_app",namespace="{}",pod=~"{}-{pods}""#,
         label_value(&ctx.namespace),
         label_value(&ctx.target),
     );
@@ -118,6 +129,7 @@ mod tests {
             service: "podinfo".into(),
             interval: "1m".into(),
             variables: Default::default(),
+            statefulset: false,
         }
     }
 

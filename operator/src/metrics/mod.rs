@@ -73,6 +73,7 @@ mod tests {
             service: "podinfo".into(),
             interval: "1m".into(),
             variables: Default::default(),
+            statefulset: false,
         }
     }
 

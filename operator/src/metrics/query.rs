@@ -12,7 +12,7 @@ use crate::api::parse_duration;
 pub struct QueryContext {
     /// The Rollout's namespace.
     pub namespace: String,
-    /// The target workload (the canary Deployment), `<target>`.
+    /// The target workload (the canary), `<target>`.
     pub target: String,
     /// The apex Service, `<service>`.
     pub service: String,
@@ -20,6 +20,8 @@ pub struct QueryContext {
     pub interval: String,
     /// Extra values for `{{ variables.NAME }}`.
     pub variables: BTreeMap<String, String>,
+    /// The target is a StatefulSet (pods named `<target>-<ordinal>`, Linkerd's `statefulset` label).
+    pub statefulset: bool,
 }
 
 /// A template that cannot become a query. Each names what to change.
@@ -124,6 +126,7 @@ mod tests {
             service: "podinfo-svc".into(),
             interval: "1m".into(),
             variables: BTreeMap::from([("code".into(), "5..".into())]),
+            statefulset: false,
         }
     }
 
