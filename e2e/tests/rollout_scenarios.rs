@@ -42,6 +42,8 @@ struct Scenario {
     consul: Option<tokio::task::JoinHandle<()>>,
     /// When the stand-in Consul synced each canary weight.
     consul_syncs: WeightLog,
+    /// The target's kind: `Deployment` or `StatefulSet`.
+    kind: String,
     sandbox: Option<Sandbox>,
 }
 
@@ -164,11 +166,11 @@ impl Scenario {
             dir,
             kubeconfig,
         } = cluster().await;
-        let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
-        deployments
+        let kind = target["kind"].as_str().unwrap_or("Deployment").to_owned();
+        workloads(&client, &kind)
             .create(
                 &PostParams::default(),
-                &serde_json::from_value(target).expect("deployment"),
+                &serde_json::from_value(target).expect("workload"),
             )
             .await
             .expect("target created");
@@ -190,8 +192,9 @@ impl Scenario {
             NS,
             &kube::core::ApiResource::erase::<Rollout>(&()),
         );
-        let object: DynamicObject =
-            serde_json::from_value(rollout(provider, analysis, deadline)).expect("rollout");
+        let mut object = rollout(provider, analysis, deadline);
+        object["spec"]["targetRef"]["kind"] = json!(kind);
+        let object: DynamicObject = serde_json::from_value(object).expect("rollout");
         rollouts
             .create(&PostParams::default(), &object)
             .await
@@ -225,7 +228,38 @@ impl Scenario {
             recorder,
             consul,
             consul_syncs,
+            kind,
             sandbox: Some(sandbox),
+        }
+    }
+
+    /// The live route object as JSON.
+    async fn route(&self) -> Value {
+        let router = router_for(self.provider);
+        let routes: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), NS, &router.api_resource());
+        serde_json::to_value(routes.get("podinfo").await.expect("route object")).expect("json")
+    }
+
+    /// Waits until the rollout's status message satisfies `wanted`; returns it.
+    async fn wait_for_message(&self, wanted: impl Fn(&str) -> bool, timeout: Duration) -> String {
+        let started = Instant::now();
+        loop {
+            let message = self
+                .rollout()
+                .await
+                .status
+                .and_then(|st| st.message)
+                .unwrap_or_default();
+            if wanted(&message) {
+                return message;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "message never came; last: {message}\n{}",
+                self.operator.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -277,7 +311,7 @@ impl Scenario {
 
     /// Changes the target's pod template: a new release.
     async fn release(&self, image: &str, template_annotations: Value) {
-        let deployments: Api<Deployment> = Api::namespaced(self.client.clone(), NS);
+        let deployments = workloads(&self.client, &self.kind);
         let patch = json!({"spec": {"template": {
             "metadata": {"annotations": template_annotations},
             "spec": {"containers": [{"name": "podinfo", "image": image}]}
@@ -307,6 +341,20 @@ impl Scenario {
         }
         let _ = (&self.mesh, &self.kubeconfig, &self.dir, &self.provider);
     }
+}
+
+/// The Api of Deployments or StatefulSets.
+fn workloads(client: &Client, kind: &str) -> Api<DynamicObject> {
+    let plural = if kind == "StatefulSet" {
+        "statefulsets"
+    } else {
+        "deployments"
+    };
+    let resource = kube::core::ApiResource::from_gvk_with_plural(
+        &kube::core::GroupVersionKind::gvk("apps", "v1", kind),
+        plural,
+    );
+    Api::namespaced_with(client.clone(), NS, &resource)
 }
 
 /// A stand-in for consul-k8s' config-entry controller: after `delay`, marks a ServiceSplitter `Synced` when
@@ -1587,5 +1635,291 @@ async fn an_operator_restart_before_delivery_still_delivers_exactly_once() {
         rolled_back, 1,
         "exactly one rollback notification across the restart"
     );
+    s.stop().await;
+}
+
+fn checked_analysis(extra: Value) -> Value {
+    let mut analysis = json!({
+        "interval": "1s", "threshold": 2,
+        "metrics": [
+            {"name": "request-success-rate", "thresholdRange": {"min": 99}, "interval": "10s", "minRequests": 5},
+            {"name": "request-duration", "thresholdRange": {"max": 500}, "interval": "10s"}
+        ]
+    });
+    if let (Some(analysis), Some(extra)) = (analysis.as_object_mut(), extra.as_object()) {
+        analysis.extend(extra.clone());
+    }
+    analysis
+}
+
+/// Blue-green with mirroring on Istio: the new version is judged on mirrored copies while every user request
+/// stays on the primary, then all traffic switches to it at once, and back to the primary once it runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn blue_green_mirrors_while_judged_then_switches_everything_at_once() {
+    let analysis = checked_analysis(json!({"iterations": 3, "mirror": true, "mirrorWeight": 50}));
+    let s = Scenario::start(Provider::Istio, analysis, 30).await;
+    s.release("podinfo:2", json!({})).await;
+    s.wait_for_message(
+        |m| m == "analysing the canary on a mirrored copy of 50% of the requests (blue-green)",
+        Duration::from_secs(20),
+    )
+    .await;
+    // The route is written before the status: the mirror is on, the canary gets no user request.
+    let route = s.route().await;
+    let weighted = &route["spec"]["http"][0];
+    assert_eq!(weighted["name"], "canary");
+    assert_eq!(weighted["mirror"]["host"], "podinfo-canary", "{route}");
+    assert_eq!(weighted["mirrorPercentage"]["value"], 50.0);
+    assert_eq!(weighted["route"][1]["weight"], 0);
+    s.wait_for_phase(RolloutPhase::Succeeded, Duration::from_secs(40))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        s.weight_sequence(),
+        vec![0, 100, 0],
+        "nothing while judged, everything at once for the promotion, then back to the primary"
+    );
+    let route = s.route().await;
+    assert_eq!(route["spec"]["http"][0].get("mirror"), None, "{route}");
+    assert_eq!(
+        image_of(&s.deployment("podinfo-primary").await),
+        "podinfo:2"
+    );
+    assert_eq!(
+        s.deployment("podinfo").await.spec.and_then(|s| s.replicas),
+        Some(0)
+    );
+    s.stop().await;
+}
+
+/// A/B testing on Gateway API: requests with the header or the cookie go to the canary through a match rule
+/// on the HTTPRoute, the rest stay on the primary; the rule goes away with the promotion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ab_test_routes_matching_requests_on_the_httproute_then_promotes() {
+    let analysis = checked_analysis(json!({
+        "iterations": 3,
+        "match": [
+            {"headers": {"x-canary": {"exact": "insider"}}},
+            {"cookie": {"name": "canary", "value": "always"}}
+        ]
+    }));
+    let s = Scenario::start(Provider::GatewayApi, analysis, 30).await;
+    s.release("podinfo:2", json!({})).await;
+    s.wait_for_message(|m| m.contains("(A/B test)"), Duration::from_secs(20))
+        .await;
+    let route = s.route().await;
+    let rules = route["spec"]["rules"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(rules.len(), 2, "{route}");
+    assert_eq!(
+        rules[0]["matches"][0]["headers"],
+        json!([{"type": "Exact", "name": "x-canary", "value": "insider"}])
+    );
+    assert_eq!(rules[0]["matches"][1]["headers"][0]["name"], "Cookie");
+    assert_eq!(
+        rules[0]["matches"][1]["headers"][0]["value"],
+        sluice::traffic::cookie_regex("canary", "always")
+    );
+    assert_eq!(rules[0]["backendRefs"][1]["name"], "podinfo-canary");
+    assert_eq!(rules[0]["backendRefs"][1]["weight"], 100);
+    assert_eq!(
+        rules[1]["backendRefs"][0]["weight"], 100,
+        "everyone else stays on the primary"
+    );
+    s.wait_for_phase(RolloutPhase::Succeeded, Duration::from_secs(40))
+        .await;
+    let route = s.route().await;
+    assert_eq!(
+        route["spec"]["rules"].as_array().map(Vec::len),
+        Some(1),
+        "{route}"
+    );
+    assert_eq!(
+        s.weight_sequence(),
+        vec![0],
+        "the weighted split never moved"
+    );
+    assert_eq!(
+        image_of(&s.deployment("podinfo-primary").await),
+        "podinfo:2"
+    );
+    s.stop().await;
+}
+
+/// What the webhook receiver got, by path.
+type HookLog = Arc<Mutex<Vec<(String, Value)>>>;
+
+/// Webhooks on loopback: `/confirm` answers 403 until `open` is set, `/load` and `/events` always 200.
+async fn start_hooks(open: Arc<std::sync::atomic::AtomicBool>, log: HookLog) -> SocketAddr {
+    use axum::http::StatusCode;
+    let app = axum::Router::new().route(
+        "/{hook}",
+        axum::routing::post(
+            move |axum::extract::Path(hook): axum::extract::Path<String>,
+                  axum::Json(body): axum::Json<Value>| {
+                let open = open.clone();
+                let log = log.clone();
+                async move {
+                    if let Ok(mut log) = log.lock() {
+                        log.push((hook.clone(), body));
+                    }
+                    if hook == "confirm" && !open.load(std::sync::atomic::Ordering::SeqCst) {
+                        (StatusCode::FORBIDDEN, "waiting for QA sign-off")
+                    } else {
+                        (StatusCode::OK, "ok")
+                    }
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// A confirm-promotion webhook holds the release at its last step (outside the progress deadline) until it
+/// answers 2xx; rollout hooks run with every check and event hooks hear every transition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_confirm_promotion_webhook_holds_until_it_says_yes() {
+    let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let log: HookLog = Arc::default();
+    let addr = start_hooks(open.clone(), log.clone()).await;
+    let mut analysis = canary_analysis(2);
+    analysis["webhooks"] = json!([
+        {"name": "qa", "type": "confirm-promotion", "url": format!("http://{addr}/confirm"), "timeout": "2s"},
+        {"name": "load", "url": format!("http://{addr}/load"), "metadata": {"cmd": "hey -z 1m http://podinfo-canary:9898/"}},
+        {"name": "audit", "type": "event", "url": format!("http://{addr}/events")}
+    ]);
+    // A 6s deadline: the hold below outlasts it, and must not count against it.
+    let s = Scenario::start(Provider::Istio, analysis, 6).await;
+    s.release("podinfo:2", json!({})).await;
+    s.wait_for_message(
+        |m| m == "held at 60% by webhook qa: HTTP 403: waiting for QA sign-off",
+        Duration::from_secs(30),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let rollout = s.rollout().await;
+    let status = rollout.status.clone().unwrap_or_default();
+    assert_eq!(
+        status.phase,
+        Some(RolloutPhase::Progressing),
+        "{:?}",
+        status.message
+    );
+    assert_eq!(s.weight_sequence().iter().max(), Some(&60));
+    open.store(true, std::sync::atomic::Ordering::SeqCst);
+    s.wait_for_phase(RolloutPhase::Succeeded, Duration::from_secs(30))
+        .await;
+    let revision = s.rollout().await.status.and_then(|st| st.revision);
+    let events = eventually(
+        "the Promoted event hook",
+        Duration::from_secs(10),
+        async || {
+            let log = log.lock().map(|l| l.clone()).unwrap_or_default();
+            let promoted = log.iter().any(|(hook, body)| {
+                hook == "events" && body["metadata"]["eventReason"] == "Promoted"
+            });
+            promoted.then_some(log)
+        },
+    )
+    .await;
+    let confirm = events
+        .iter()
+        .find(|(hook, _)| hook == "confirm")
+        .map(|(_, body)| body.clone())
+        .expect("confirm-promotion was called");
+    assert_eq!(confirm["name"], "podinfo");
+    assert_eq!(confirm["namespace"], NS);
+    assert_eq!(confirm["type"], "confirm-promotion");
+    assert_eq!(confirm["checksum"].as_str(), revision.as_deref());
+    assert_eq!(confirm["sluice"]["canaryWeight"], 60);
+    let load = events
+        .iter()
+        .filter(|(hook, _)| hook == "load")
+        .collect::<Vec<_>>();
+    assert!(load.len() >= 3, "one rollout hook call per check: {load:?}");
+    assert_eq!(
+        load[0].1["metadata"]["cmd"],
+        "hey -z 1m http://podinfo-canary:9898/"
+    );
+    let reasons: Vec<String> = events
+        .iter()
+        .filter(|(hook, _)| hook == "events")
+        .filter_map(|(_, body)| body["metadata"]["eventReason"].as_str().map(str::to_owned))
+        .collect();
+    for reason in [
+        "ReleaseStarted",
+        "PromotionDenied",
+        "PromotionAllowed",
+        "Promoted",
+    ] {
+        assert!(reasons.iter().any(|r| r == reason), "{reason}: {reasons:?}");
+    }
+    s.stop().await;
+}
+
+fn statefulset(image: &str) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "podinfo", "namespace": NS},
+        "spec": {
+            "replicas": 2,
+            "serviceName": "podinfo-headless",
+            "selector": {"matchLabels": {"app": "podinfo"}},
+            "template": {"metadata": {"labels": {"app": "podinfo"}},
+                         "spec": {"containers": [{"name": "podinfo", "image": image, "ports": [{"containerPort": 9898}]}]}},
+            "volumeClaimTemplates": [{
+                "metadata": {"name": "data"},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+            }]
+        }
+    })
+}
+
+/// The canary flow for a StatefulSet target: a primary StatefulSet clone with its own volumes, the target
+/// scaled up as the canary and back to 0 after the promotion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_statefulset_canary_is_promoted_through_its_primary_clone() {
+    let s = Scenario::start_with(
+        Provider::Istio,
+        canary_analysis(2),
+        30,
+        statefulset("podinfo:1"),
+    )
+    .await;
+    s.wait_for_phase(RolloutPhase::Initialized, Duration::from_secs(20))
+        .await;
+    let sets = workloads(&s.client, "StatefulSet");
+    let primary = sets.get("podinfo-primary").await.expect("primary clone");
+    assert_eq!(primary.data["spec"]["serviceName"], "podinfo-headless");
+    assert_eq!(
+        primary.data["spec"]["volumeClaimTemplates"][0]["metadata"]["name"],
+        "data"
+    );
+    assert_eq!(
+        primary.data["spec"]["selector"]["matchLabels"],
+        json!({"app": "podinfo-primary"})
+    );
+    s.release("podinfo:2", json!({})).await;
+    s.wait_for_phase(RolloutPhase::Succeeded, Duration::from_secs(40))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let weights = s.weight_sequence();
+    let climbed: Vec<u8> = weights.iter().copied().filter(|w| *w > 0).collect();
+    assert_eq!(climbed, vec![20, 40, 60], "{weights:?}");
+    assert_eq!(weights.last(), Some(&0));
+    let primary = sets.get("podinfo-primary").await.expect("primary");
+    assert_eq!(
+        primary.data["spec"]["template"]["spec"]["containers"][0]["image"],
+        "podinfo:2"
+    );
+    let canary = sets.get("podinfo").await.expect("target");
+    assert_eq!(canary.data["spec"]["replicas"], 0, "canary scaled to 0");
     s.stop().await;
 }
