@@ -329,6 +329,31 @@ fn threshold_text(min: Option<f64>, max: Option<f64>) -> String {
 }
 
 /// What `sluice rollout get` prints.
+/// One line naming the release strategy and what it adds to the route.
+fn describe_strategy(analysis: &crate::api::Analysis) -> String {
+    use crate::rollout::{ReleaseStrategy, strategy};
+    let iterations = analysis.iterations.unwrap_or(1).max(1);
+    let mut text = match strategy(analysis) {
+        ReleaseStrategy::Canary => "canary (weighted)".to_owned(),
+        ReleaseStrategy::BlueGreen => format!("blue-green, {iterations} iteration(s)"),
+        ReleaseStrategy::AbTest => format!(
+            "A/B test, {iterations} iteration(s), {} match rule(s)",
+            analysis.match_.len()
+        ),
+    };
+    if analysis.mirror {
+        let percent = analysis.mirror_weight.map_or(100, |w| w.get());
+        let _ = write!(text, ", mirroring {percent}% of requests");
+    }
+    if let Some(affinity) = &analysis.session_affinity {
+        let _ = write!(text, ", sticky sessions (cookie {})", affinity.cookie_name);
+    }
+    if !analysis.webhooks.is_empty() {
+        let _ = write!(text, ", {} webhook(s)", analysis.webhooks.len());
+    }
+    text
+}
+
 pub fn render_rollout(rollout: &Rollout, events: &[Event]) -> String {
     let status = rollout.status.clone().unwrap_or_default();
     let ladder = stages(&rollout.spec.analysis);
@@ -344,6 +369,17 @@ pub fn render_rollout(rollout: &Rollout, events: &[Event]) -> String {
         out,
         "Namespace:  {}",
         rollout.namespace().unwrap_or_default()
+    );
+    let _ = writeln!(
+        out,
+        "Target:     {} {}",
+        crate::controller::kind_name(rollout.spec.target_ref.kind),
+        rollout.spec.target_ref.name
+    );
+    let _ = writeln!(
+        out,
+        "Strategy:   {}",
+        describe_strategy(&rollout.spec.analysis)
     );
     let _ = writeln!(
         out,
@@ -608,5 +644,34 @@ mod tests {
         );
         assert!(lines[1].contains("Succeeded") && lines[1].contains("revision abc promoted"));
         assert!(lines[2].contains("Pending"));
+    }
+
+    #[test]
+    fn strategy_line_names_what_the_release_adds() {
+        let analysis = |extra: serde_json::Value| -> crate::api::Analysis {
+            let mut base = json!({"interval": "1m"});
+            if let (Some(b), Some(e)) = (base.as_object_mut(), extra.as_object()) {
+                b.extend(e.clone());
+            }
+            serde_json::from_value(base).expect("analysis")
+        };
+        let cases = [
+            (json!({}), "blue-green, 1 iteration(s)"),
+            (
+                json!({"iterations": 4, "mirror": true, "mirrorWeight": 25}),
+                "blue-green, 4 iteration(s), mirroring 25% of requests",
+            ),
+            (
+                json!({"iterations": 2, "match": [{"headers": {"x-canary": {"exact": "1"}}}]}),
+                "A/B test, 2 iteration(s), 1 match rule(s)",
+            ),
+            (
+                json!({"stepWeight": 10, "sessionAffinity": {"cookieName": "c"}, "webhooks": [{"name": "load", "url": "http://l/"}]}),
+                "canary (weighted), sticky sessions (cookie c), 1 webhook(s)",
+            ),
+        ];
+        for (extra, want) in cases {
+            assert_eq!(describe_strategy(&analysis(extra)), want);
+        }
     }
 }
