@@ -1923,3 +1923,43 @@ async fn a_statefulset_canary_is_promoted_through_its_primary_clone() {
     assert_eq!(canary.data["spec"]["replicas"], 0, "canary scaled to 0");
     s.stop().await;
 }
+
+/// Linkerd rejects RequestMirror filters: asking for mirroring there is reported in status, not silently
+/// dropped, and nothing is routed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mirroring_on_linkerd_is_reported_as_invalid_spec() {
+    let analysis = checked_analysis(json!({"iterations": 2, "mirror": true}));
+    let s = Scenario::start_with(Provider::Linkerd, analysis, 30, deployment("podinfo:1")).await;
+    let started = Instant::now();
+    let condition = loop {
+        let status = s.rollout().await.status.unwrap_or_default();
+        if let Some(c) = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "InvalidSpec" && c.status == "True")
+        {
+            break c.clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no InvalidSpec condition\n{}",
+            s.operator.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        condition
+            .message
+            .contains("Linkerd rejects HTTPRoute RequestMirror filters"),
+        "{}",
+        condition.message
+    );
+    let router = router_for(Provider::Linkerd);
+    let routes: Api<DynamicObject> =
+        Api::namespaced_with(s.client.clone(), NS, &router.api_resource());
+    assert!(
+        routes.get_opt("podinfo").await.expect("get").is_none(),
+        "no route was written"
+    );
+    s.stop().await;
+}
