@@ -220,7 +220,7 @@ pub struct Analysis {
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("(has(self.headers) && size(self.headers) > 0) || has(self.cookie)").message("a match needs headers or a cookie"),
-    validation = Rule::new("!has(self.cookie) || !has(self.headers) || !self.headers.exists(h, h == 'cookie' || h == 'Cookie' || h == 'COOKIE')").message("use either cookie or a headers.cookie condition, not both"),
+    validation = Rule::new("!has(self.cookie) || !has(self.headers) || !self.headers.exists(h, h.matches('^[cC][oO][oO][kK][iI][eE]$'))").message("use either cookie or a headers.cookie condition, not both"),
 )]
 pub struct HttpMatch {
     /// Request headers (names are case-insensitive) and how each value must match.

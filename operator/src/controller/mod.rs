@@ -98,6 +98,9 @@ pub struct Context {
     pub recorder: Recorder,
     pub telemetry: Arc<Telemetry>,
     pub deliverer: Deliverer,
+    /// Client for `analysis.webhooks`: no alert proxy (hooks usually live in the cluster), each call bounded
+    /// by the hook's own timeout.
+    pub webhooks: reqwest::Client,
     /// Alert used by Rollouts that configure none (`--default-alert-provider`).
     pub default_alert: Option<RolloutAlert>,
     /// Consecutive failed reconciles per Rollout, for exponential backoff.
@@ -125,6 +128,7 @@ pub async fn run(
         recorder: Recorder::new(client, reporter),
         telemetry: telemetry.clone(),
         deliverer,
+        webhooks: webhook::client(),
         default_alert,
         failures: Default::default(),
     });
@@ -295,11 +299,16 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
         gate: None,
         hooks: Default::default(),
     };
-    let http = ctx.deliverer.http();
+    let http = &ctx.webhooks;
     let due = hooks_due(&rollout.spec, &status, &observed);
     if due.confirm_rollout {
+        // The hook is asked about the revision that would start, as Flagger does.
+        let upcoming = RolloutStatus {
+            revision: observed.target_revision.clone(),
+            ..status.clone()
+        };
         observed.hooks.rollout_unconfirmed =
-            webhook::first_refusal(http, rollout, &status, WebhookType::ConfirmRollout).await;
+            webhook::first_refusal(http, rollout, &upcoming, WebhookType::ConfirmRollout).await;
     }
     if due.pre_rollout {
         observed.hooks.pre_rollout_failed =
@@ -434,7 +443,7 @@ async fn ask_gates(
     };
     if let Some(type_) = confirm {
         if let Some((hook, why)) =
-            webhook::first_refusal(ctx.deliverer.http(), rollout, status, type_).await
+            webhook::first_refusal(&ctx.webhooks, rollout, status, type_).await
         {
             return Some(Gate::Denied {
                 by: format!("webhook {hook}"),

@@ -16,6 +16,17 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause between two attempts of the same hook.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
+/// The client webhooks are called with: no redirects, a connect timeout, proxies only from the standard
+/// environment variables. Needs a process-wide rustls crypto provider (Sluice installs ring at startup).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .connect_timeout(DEFAULT_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .unwrap_or_default()
+}
+
 /// The body POSTed to a hook: Flagger's fields (`name`, `namespace`, `phase`, `checksum`, `metadata`) plus
 /// Sluice's own under `sluice`.
 pub fn payload(
@@ -104,7 +115,9 @@ async fn attempt_once(
         .send()
         .await
         .map_err(|e| {
-            if e.is_timeout() {
+            if e.is_connect() {
+                format!("cannot connect: {}", error_chain(&e.without_url()))
+            } else if e.is_timeout() {
                 format!("no answer within {}s", timeout.as_secs())
             } else {
                 error_chain(&e.without_url())

@@ -192,6 +192,21 @@ pub fn primary_workload(
                 spec[field] = value.clone();
             }
         }
+        // The primary must roll its pods when promoted: `OnDelete` or a partition would leave them on the old
+        // template and the promotion would wait for a readiness that never comes.
+        let rolling = spec
+            .pointer("/updateStrategy/rollingUpdate")
+            .and_then(Value::as_object)
+            .map(|r| {
+                let mut r = r.clone();
+                r.remove("partition");
+                r
+            })
+            .filter(|r| !r.is_empty());
+        spec["updateStrategy"] = match rolling {
+            Some(rolling) => json!({"type": "RollingUpdate", "rollingUpdate": rolling}),
+            None => json!({"type": "RollingUpdate"}),
+        };
     }
     json!({
         "apiVersion": "apps/v1",
@@ -396,7 +411,8 @@ mod tests {
         target["spec"]["serviceName"] = json!("db-headless");
         target["spec"]["volumeClaimTemplates"] = claims("1Gi");
         target["spec"]["podManagementPolicy"] = json!("Parallel");
-        target["spec"]["updateStrategy"] = json!({"type": "RollingUpdate"});
+        target["spec"]["updateStrategy"] =
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 2}});
         let created = primary_workload(&names, TargetKind::StatefulSet, &target, None, 2, &owner);
         assert_eq!(created["kind"], "StatefulSet");
         assert_eq!(created["spec"]["serviceName"], "db-headless");
@@ -404,16 +420,17 @@ mod tests {
         assert_eq!(created["spec"]["podManagementPolicy"], "Parallel");
         assert_eq!(
             created["spec"]["updateStrategy"],
-            json!({"type": "RollingUpdate"})
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 2}})
         );
         assert_eq!(
             created["spec"]["selector"]["matchLabels"],
             json!({"app": "podinfo-primary"})
         );
         // The user grew the volumes and changed the strategy in the target: the API server would refuse the
-        // volume change on the primary, so only the mutable field follows.
+        // volume change on the primary, so only the mutable field follows, and the primary still rolls.
         target["spec"]["volumeClaimTemplates"] = claims("5Gi");
-        target["spec"]["updateStrategy"] = json!({"type": "OnDelete"});
+        target["spec"]["minReadySeconds"] = json!(5);
+        target["spec"]["updateStrategy"] = json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 1, "maxUnavailable": 1}});
         target["spec"]["template"]["spec"]["containers"][0]["image"] = json!("db:2");
         let promoted = primary_workload(
             &names,
@@ -426,7 +443,22 @@ mod tests {
         assert_eq!(promoted["spec"]["volumeClaimTemplates"], claims("1Gi"));
         assert_eq!(
             promoted["spec"]["updateStrategy"],
-            json!({"type": "OnDelete"})
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}),
+            "the partition is dropped"
+        );
+        assert_eq!(promoted["spec"]["minReadySeconds"], 5);
+        target["spec"]["updateStrategy"] = json!({"type": "OnDelete"});
+        let on_delete = primary_workload(
+            &names,
+            TargetKind::StatefulSet,
+            &target,
+            Some(&created),
+            2,
+            &owner,
+        );
+        assert_eq!(
+            on_delete["spec"]["updateStrategy"],
+            json!({"type": "RollingUpdate"})
         );
         assert_eq!(
             promoted["spec"]["template"]["spec"]["containers"][0]["image"],

@@ -76,11 +76,6 @@ impl Deliverer {
         Ok(Self { client })
     }
 
-    /// The HTTP client (timeouts, proxy, TLS) for other outgoing calls, such as webhooks.
-    pub fn http(&self) -> &reqwest::Client {
-        &self.client
-    }
-
     /// POSTs `n` to `sink` once. Any 2xx is success.
     pub async fn deliver(&self, sink: &Sink, n: &Notification) -> Result<(), DeliveryError> {
         let name = sink.name();

@@ -237,14 +237,16 @@ fn would_start(status: &RolloutStatus, observed: &Observed) -> bool {
 
 /// Which webhooks to call before planning (`rollout` and `rollback` hooks go with the checks).
 pub fn hooks_due(spec: &RolloutSpec, status: &RolloutStatus, observed: &Observed) -> HooksDue {
-    if spec.suspend || observed.paused_by_user {
+    if spec.suspend {
         return HooksDue::default();
     }
     let current = observed.target_revision.is_some()
         && observed.target_revision.as_deref() == status.revision.as_deref();
+    // A user pause holds a release in progress; it does not stop one from being confirmed.
     HooksDue {
         confirm_rollout: would_start(status, observed),
-        pre_rollout: status.phase == Some(RolloutPhase::Progressing)
+        pre_rollout: !observed.paused_by_user
+            && status.phase == Some(RolloutPhase::Progressing)
             && current
             && observed.canary_ready
             && status.stage_started_time.is_none()

@@ -1028,12 +1028,18 @@ fn hooks_are_due_at_their_points_only() {
     world.observed.target_revision = Some("r2".into());
     assert!(due(&world).confirm_rollout, "a new revision would start");
     world.observed.paused_by_user = true;
+    assert!(
+        due(&world).confirm_rollout,
+        "a pause does not skip the confirmation"
+    );
+    world.observed.paused_by_user = false;
+    world.spec.suspend = true;
     assert_eq!(
         due(&world),
         HooksDue::default(),
-        "a paused rollout calls nothing"
+        "a suspended rollout calls nothing"
     );
-    world.observed.paused_by_user = false;
+    world.spec.suspend = false;
     world.tick(Duration::from_secs(1));
     assert_eq!(world.phase(), Some(RolloutPhase::Progressing));
     assert!(!due(&world).confirm_rollout);

@@ -117,12 +117,22 @@ impl Router for GatewayApiRouter {
         };
         // The weighted rule is the last one holding both of our backends (match and sticky rules come
         // first); `confirm` then checks the whole object.
-        rules.iter().rev().find_map(|rule| {
+        let split = rules.iter().rev().find_map(|rule| {
             let backends = rule.get("backendRefs")?.as_array()?;
             let primary = weight_for(backends, &target.primary)?;
             let canary = weight_for(backends, &target.canary)?;
             confirm(self, live, target, primary, canary)
-        })
+        })?;
+        // Filters are only ever canary routes: one left on a plain split (say a mirror whose `percent` the
+        // CRD dropped, so the object never read back as the experiment) is drift to apply away.
+        let filtered = rules.iter().any(|rule| {
+            rule.get("filters").is_some()
+                || rule
+                    .get("backendRefs")
+                    .and_then(Value::as_array)
+                    .is_some_and(|b| b.iter().any(|b| b.get("filters").is_some()))
+        });
+        (split.experiment() || !filtered).then_some(split)
     }
 
     fn provider(&self) -> Provider {
@@ -202,6 +212,27 @@ mod tests {
                 )["spec"]
             );
         }
+    }
+
+    #[test]
+    fn a_leftover_filter_on_a_plain_split_is_drift() {
+        let (_, target) = experiment_targets()
+            .into_iter()
+            .find(|(name, _)| *name == "mirror")
+            .expect("mirror target");
+        let mut live = GatewayApiRouter.desired(&target, split(0).with_experiment(true));
+        // A CRD without RequestMirror `percent` drops it: the object no longer reads as the experiment.
+        if let Some(mirror) =
+            live["spec"]["rules"][0]["filters"][0]["requestMirror"].as_object_mut()
+        {
+            mirror.remove("percent");
+        }
+        assert_eq!(GatewayApiRouter.observed_split(&live, &target), None);
+        let plain = GatewayApiRouter.desired(&target, split(0));
+        assert_eq!(
+            GatewayApiRouter.observed_split(&plain, &target),
+            Some(split(0))
+        );
     }
 
     #[test]
