@@ -199,7 +199,26 @@ fn backoff(failures: u32) -> Duration {
     Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60))
 }
 
+/// A write refused because the Rollout changed since it was read (the cache lagged): not a failure.
+fn is_conflict(err: &Error) -> bool {
+    let api_conflict =
+        |e: &kube::Error| matches!(e, kube::Error::Api(status) if status.code == 409);
+    match err {
+        Error::Kube(e) => api_conflict(e),
+        Error::Finalizer(boxed) => match boxed.as_ref() {
+            kube::runtime::finalizer::Error::ApplyFailed(Error::Kube(e))
+            | kube::runtime::finalizer::Error::CleanupFailed(Error::Kube(e)) => api_conflict(e),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
 fn error_policy(rollout: Arc<Rollout>, err: &Error, ctx: Arc<Context>) -> Action {
+    if is_conflict(err) {
+        tracing::debug!(rollout = %rollout.name_any(), "the Rollout changed while it was reconciled; replanning");
+        return Action::requeue(Duration::from_millis(200));
+    }
     ctx.telemetry.reconcile_failed();
     let failures = {
         let mut failures = ctx
@@ -365,11 +384,25 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
     for dropped in outbox::enqueue(&mut next_status, &alerts, &key, &plan.transitions, now) {
         tracing::warn!(rollout = %rollout.name_any(), id = %dropped, "outbox full: dropped the oldest undelivered notification");
     }
+    // Status writes carry the resourceVersion they were planned from: a plan made from a stale cache is refused
+    // (409) and replanned, instead of overwriting newer status, outbox included.
+    let mut version = rollout.resource_version();
+    let delivery_time = jiff::Timestamp::now();
     if next_status != status {
-        write_status(rollout, ctx, &next_status).await?;
+        version = write_status(rollout, ctx, &next_status, version).await?;
+    } else if next_status
+        .notifications
+        .iter()
+        .any(|e| outbox::due(e, delivery_time))
+        && !is_current(rollout, ctx, version.as_deref()).await?
+    {
+        // Delivering from a stale view could send what was already delivered.
+        return Ok(Action::requeue(Duration::from_millis(200)));
     }
-    if let Some(delivered) = deliver_outbox(rollout, ctx, &alerts, &next_status).await {
-        write_status(rollout, ctx, &delivered).await?;
+    if let Some(delivered) =
+        deliver_outbox(rollout, ctx, &alerts, &next_status, delivery_time).await
+    {
+        write_status(rollout, ctx, &delivered, version).await?;
         next_status = delivered;
     }
     // One-shot commands are used once: a promote must not also skip the next pause or stage.
@@ -537,8 +570,8 @@ async fn deliver_outbox(
     ctx: &Context,
     alerts: &[RolloutAlert],
     status: &RolloutStatus,
+    now: jiff::Timestamp,
 ) -> Option<RolloutStatus> {
-    let now = jiff::Timestamp::now();
     let namespace = rollout.namespace().unwrap_or_default();
     let mut next = status.clone();
     for entry in next
@@ -798,17 +831,36 @@ async fn scale(deployments: &Api<DynamicObject>, name: &str, replicas: i32) -> R
     Ok(())
 }
 
+/// Writes the status if the Rollout is still at `version` (when given); returns the new resourceVersion.
 async fn write_status(
     rollout: &Rollout,
     ctx: &Context,
     status: &RolloutStatus,
-) -> Result<(), Error> {
+    version: Option<String>,
+) -> Result<Option<String>, Error> {
     let namespace = rollout.namespace().unwrap_or_default();
     let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
-    let patch = json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "Rollout", "status": status});
-    api.patch_status(&rollout.name_any(), &patch_params(), &Patch::Apply(patch))
+    let mut patch =
+        json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "Rollout", "status": status});
+    if let Some(version) = version {
+        patch["metadata"] = json!({"resourceVersion": version});
+    }
+    let written = api
+        .patch_status(&rollout.name_any(), &patch_params(), &Patch::Apply(patch))
         .await?;
-    Ok(())
+    Ok(written.resource_version())
+}
+
+/// Whether the API server still has the Rollout at `version` (the cache may lag behind our own writes).
+async fn is_current(
+    rollout: &Rollout,
+    ctx: &Context,
+    version: Option<&str>,
+) -> Result<bool, Error> {
+    let namespace = rollout.namespace().unwrap_or_default();
+    let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
+    let live = api.get_metadata(&rollout.name_any()).await?;
+    Ok(live.metadata.resource_version.as_deref() == version)
 }
 
 /// Reports a spec Sluice cannot act on, and backs off instead of looping.
@@ -819,6 +871,7 @@ async fn invalid_spec(
     why: String,
 ) -> Result<Action, Error> {
     let mut next = status.clone();
+    let mut version = rollout.resource_version();
     let generation = rollout.metadata.generation.unwrap_or(0);
     next.message = Some(why.clone());
     next.observed_generation = Some(generation);
@@ -850,7 +903,7 @@ async fn invalid_spec(
             &[transition],
             jiff::Timestamp::now(),
         );
-        write_status(rollout, ctx, &next).await?;
+        version = write_status(rollout, ctx, &next, version).await?;
         let event = Event {
             type_: EventType::Warning,
             reason: "InvalidSpec".into(),
@@ -863,8 +916,10 @@ async fn invalid_spec(
         }
     }
     // Notifications keep flowing while the spec is invalid.
-    if let Some(delivered) = deliver_outbox(rollout, ctx, &alerts, &next).await {
-        write_status(rollout, ctx, &delivered).await?;
+    if let Some(delivered) =
+        deliver_outbox(rollout, ctx, &alerts, &next, jiff::Timestamp::now()).await
+    {
+        write_status(rollout, ctx, &delivered, version).await?;
         next = delivered;
     }
     let retry =
