@@ -105,6 +105,55 @@ pub struct Context {
     pub default_alert: Option<RolloutAlert>,
     /// Consecutive failed reconciles per Rollout, for exponential backoff.
     failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<Rollout>, u32>>,
+    /// The last `confirm-rollout` refusal per Rollout: (when, revision, hook and why). Reused for one interval,
+    /// so a waiting revision asks once per interval, not at every reconcile.
+    refusals: std::sync::Mutex<std::collections::HashMap<ObjectRef<Rollout>, Refusal>>,
+}
+
+type Refusal = (Instant, Option<String>, (String, String));
+
+impl Context {
+    fn recent_refusal(
+        &self,
+        rollout: &Rollout,
+        revision: &Option<String>,
+    ) -> Option<(String, String)> {
+        let interval = rollout
+            .spec
+            .analysis
+            .interval
+            .to_std()
+            .unwrap_or(Duration::from_secs(60));
+        let refusals = self
+            .refusals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        refusals
+            .get(&ObjectRef::from_obj(rollout))
+            .filter(|(at, asked_for, _)| asked_for == revision && at.elapsed() < interval)
+            .map(|(_, _, refusal)| refusal.clone())
+    }
+
+    fn remember_refusal(
+        &self,
+        rollout: &Rollout,
+        revision: &Option<String>,
+        refusal: Option<&(String, String)>,
+    ) {
+        let mut refusals = self
+            .refusals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = ObjectRef::from_obj(rollout);
+        match refusal {
+            Some(refusal) => {
+                refusals.insert(key, (Instant::now(), revision.clone(), refusal.clone()));
+            }
+            None => {
+                refusals.remove(&key);
+            }
+        }
+    }
 }
 
 /// Runs the Rollout controller until the watch streams end.
@@ -131,6 +180,7 @@ pub async fn run(
         webhooks: webhook::client(),
         default_alert,
         failures: Default::default(),
+        refusals: Default::default(),
     });
     let controller = Controller::new(rollouts, watcher::Config::default());
     let store = controller.store();
@@ -269,7 +319,15 @@ fn patch_params() -> PatchParams {
 }
 
 /// Observes, plans, converges. Writes nothing when nothing changed.
-async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
+async fn apply(cached: &Rollout, ctx: &Context) -> Result<Action, Error> {
+    // Plan from the API server's copy, not the cache: a cache that lags behind our own last status write would
+    // plan from the past (and act on it: routes, scaling, webhooks) before the write's precondition caught it.
+    let api: Api<Rollout> =
+        Api::namespaced(ctx.client.clone(), &cached.namespace().unwrap_or_default());
+    let Some(fresh) = api.get_opt(&cached.name_any()).await? else {
+        return Ok(Action::await_change());
+    };
+    let rollout = &fresh;
     let names = Names::of(rollout);
     let (workload_api, target, primary) = workloads(rollout, &names, ctx).await?;
     let status = rollout.status.clone().unwrap_or_default();
@@ -306,6 +364,10 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
         .await;
     }
 
+    if let Some(why) = crate::traffic::invalid_matches(&rollout.spec.analysis.match_) {
+        return invalid_spec(rollout, ctx, &status, why).await;
+    }
+
     let (promote_requested, command, paused_by_user) = manual_control(rollout.annotations());
     let mut observed = Observed {
         target_revision: target.as_ref().and_then(workload::template_revision),
@@ -319,15 +381,29 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
         hooks: Default::default(),
     };
     let http = &ctx.webhooks;
-    let due = hooks_due(&rollout.spec, &status, &observed);
+    // An abort acts at once: no hook is waited for.
+    let due = if observed.command == Some(crate::rollout::Command::Abort) {
+        Default::default()
+    } else {
+        hooks_due(&rollout.spec, &status, &observed)
+    };
     if due.confirm_rollout {
-        // The hook is asked about the revision that would start, as Flagger does.
-        let upcoming = RolloutStatus {
-            revision: observed.target_revision.clone(),
-            ..status.clone()
+        let revision = &observed.target_revision;
+        observed.hooks.rollout_unconfirmed = match ctx.recent_refusal(rollout, revision) {
+            Some(refusal) => Some(refusal),
+            None => {
+                // The hook is asked about the revision that would start, as Flagger does.
+                let upcoming = RolloutStatus {
+                    revision: revision.clone(),
+                    ..status.clone()
+                };
+                let answer =
+                    webhook::first_refusal(http, rollout, &upcoming, WebhookType::ConfirmRollout)
+                        .await;
+                ctx.remember_refusal(rollout, revision, answer.as_ref());
+                answer
+            }
         };
-        observed.hooks.rollout_unconfirmed =
-            webhook::first_refusal(http, rollout, &upcoming, WebhookType::ConfirmRollout).await;
     }
     if due.pre_rollout {
         observed.hooks.pre_rollout_failed =
@@ -387,20 +463,11 @@ async fn apply(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
     // Status writes carry the resourceVersion they were planned from: a plan made from a stale cache is refused
     // (409) and replanned, instead of overwriting newer status, outbox included.
     let mut version = rollout.resource_version();
-    let delivery_time = jiff::Timestamp::now();
     if next_status != status {
         version = write_status(rollout, ctx, &next_status, version).await?;
-    } else if next_status
-        .notifications
-        .iter()
-        .any(|e| outbox::due(e, delivery_time))
-        && !is_current(rollout, ctx, version.as_deref()).await?
-    {
-        // Delivering from a stale view could send what was already delivered.
-        return Ok(Action::requeue(Duration::from_millis(200)));
     }
     if let Some(delivered) =
-        deliver_outbox(rollout, ctx, &alerts, &next_status, delivery_time).await
+        deliver_outbox(rollout, ctx, &alerts, &next_status, jiff::Timestamp::now()).await
     {
         write_status(rollout, ctx, &delivered, version).await?;
         next_status = delivered;
@@ -849,18 +916,6 @@ async fn write_status(
         .patch_status(&rollout.name_any(), &patch_params(), &Patch::Apply(patch))
         .await?;
     Ok(written.resource_version())
-}
-
-/// Whether the API server still has the Rollout at `version` (the cache may lag behind our own writes).
-async fn is_current(
-    rollout: &Rollout,
-    ctx: &Context,
-    version: Option<&str>,
-) -> Result<bool, Error> {
-    let namespace = rollout.namespace().unwrap_or_default();
-    let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
-    let live = api.get_metadata(&rollout.name_any()).await?;
-    Ok(live.metadata.resource_version.as_deref() == version)
 }
 
 /// Reports a spec Sluice cannot act on, and backs off instead of looping.

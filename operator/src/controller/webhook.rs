@@ -77,7 +77,8 @@ pub fn event_metadata(transition: &Transition) -> BTreeMap<String, String> {
 }
 
 /// Calls `hook` until an attempt answers 2xx or `retries` more attempts failed; `Err` says why the last
-/// attempt failed.
+/// attempt failed. Only what may pass on its own is retried (connection errors, timeouts, 5xx, 429): a
+/// deliberate "no" (403, 409, …) is the answer.
 pub async fn call(client: &reqwest::Client, hook: &Webhook, body: &Value) -> Result<(), String> {
     let timeout = hook
         .timeout
@@ -85,16 +86,22 @@ pub async fn call(client: &reqwest::Client, hook: &Webhook, body: &Value) -> Res
         .and_then(|t| t.to_std())
         .unwrap_or(DEFAULT_TIMEOUT);
     let mut last = String::new();
+    let mut tries = hook.retries + 1;
     for attempt in 0..=hook.retries {
         if attempt > 0 {
             tokio::time::sleep(RETRY_PAUSE).await;
         }
         match attempt_once(client, &hook.url, timeout, body).await {
             Ok(()) => return Ok(()),
-            Err(why) => last = why,
+            Err(Failure { why, retryable }) => {
+                last = why;
+                if !retryable {
+                    tries = attempt + 1;
+                    break;
+                }
+            }
         }
     }
-    let tries = hook.retries + 1;
     Err(if tries > 1 {
         format!("{last} (after {tries} attempts)")
     } else {
@@ -102,26 +109,33 @@ pub async fn call(client: &reqwest::Client, hook: &Webhook, body: &Value) -> Res
     })
 }
 
+/// Why one attempt failed, and whether another attempt could do better.
+struct Failure {
+    why: String,
+    retryable: bool,
+}
+
 async fn attempt_once(
     client: &reqwest::Client,
     url: &str,
     timeout: Duration,
     body: &Value,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let response = client
         .post(url)
         .timeout(timeout)
         .json(body)
         .send()
         .await
-        .map_err(|e| {
-            if e.is_connect() {
+        .map_err(|e| Failure {
+            why: if e.is_connect() {
                 format!("cannot connect: {}", error_chain(&e.without_url()))
             } else if e.is_timeout() {
                 format!("no answer within {}s", timeout.as_secs())
             } else {
                 error_chain(&e.without_url())
-            }
+            },
+            retryable: true,
         })?;
     let status = response.status();
     if status.is_success() {
@@ -130,10 +144,13 @@ async fn attempt_once(
     // A short reason from the body helps whoever reads the Rollout's status.
     let text = response.text().await.unwrap_or_default();
     let reason: String = text.trim().chars().take(200).collect();
-    Err(if reason.is_empty() {
-        format!("HTTP {}", status.as_u16())
-    } else {
-        format!("HTTP {}: {reason}", status.as_u16())
+    Err(Failure {
+        why: if reason.is_empty() {
+            format!("HTTP {}", status.as_u16())
+        } else {
+            format!("HTTP {}: {reason}", status.as_u16())
+        },
+        retryable: status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS,
     })
 }
 
@@ -311,10 +328,11 @@ mod tests {
         assert_eq!(body["phase"], "Initializing");
     }
 
-    /// A loopback hook that refuses the first `refuse` calls (HTTP 409 with a reason), then answers 200
+    /// A loopback hook that answers the first `refuse` calls with `refusal` (and a reason), then 200, each
     /// after `delay`; returns its URL and the number of calls made so far.
     async fn hook_server(
         refuse: usize,
+        refusal: axum::http::StatusCode,
         delay: Duration,
     ) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
@@ -329,7 +347,7 @@ mod tests {
                     let n = counter.fetch_add(1, Ordering::SeqCst);
                     tokio::time::sleep(delay).await;
                     if n < refuse {
-                        (axum::http::StatusCode::CONFLICT, "not yet: waiting for QA")
+                        (refusal, "not yet: waiting for QA")
                     } else {
                         (axum::http::StatusCode::OK, "ok")
                     }
@@ -359,7 +377,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_refusal_reports_status_and_reason_and_retries_until_yes() {
+    async fn failures_are_retried_until_yes_but_a_refusal_is_the_answer() {
         use std::sync::atomic::Ordering;
         let body = payload(
             &rollout(),
@@ -367,25 +385,33 @@ mod tests {
             &rollout().spec.analysis.webhooks[0],
             &BTreeMap::new(),
         );
-        let (url, calls) = hook_server(2, Duration::ZERO).await;
+        use axum::http::StatusCode;
+        let (url, calls) = hook_server(2, StatusCode::SERVICE_UNAVAILABLE, Duration::ZERO).await;
         let refused = call(&client(), &hook(&url, 0, "5s"), &body).await;
-        assert_eq!(refused, Err("HTTP 409: not yet: waiting for QA".to_owned()));
+        assert_eq!(refused, Err("HTTP 503: not yet: waiting for QA".to_owned()));
         assert_eq!(calls.load(Ordering::SeqCst), 1, "no retries: one attempt");
-        // One refusal left: a second attempt gets the yes.
+        // One failure left: a second attempt gets the yes.
         assert_eq!(call(&client(), &hook(&url, 2, "5s"), &body).await, Ok(()));
         assert_eq!(calls.load(Ordering::SeqCst), 3);
-        let (url, calls) = hook_server(10, Duration::ZERO).await;
+        let (url, calls) = hook_server(10, StatusCode::TOO_MANY_REQUESTS, Duration::ZERO).await;
         assert_eq!(
             call(&client(), &hook(&url, 1, "5s"), &body).await,
-            Err("HTTP 409: not yet: waiting for QA (after 2 attempts)".to_owned())
+            Err("HTTP 429: not yet: waiting for QA (after 2 attempts)".to_owned())
         );
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+        // A deliberate no is the answer: not retried.
+        let (url, calls) = hook_server(10, StatusCode::FORBIDDEN, Duration::ZERO).await;
+        assert_eq!(
+            call(&client(), &hook(&url, 3, "5s"), &body).await,
+            Err("HTTP 403: not yet: waiting for QA".to_owned())
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
     async fn a_slow_hook_times_out_and_an_absent_one_is_an_error() {
         let body = json!({"name": "podinfo"});
-        let (url, _) = hook_server(0, Duration::from_secs(3)).await;
+        let (url, _) = hook_server(0, axum::http::StatusCode::OK, Duration::from_secs(3)).await;
         assert_eq!(
             call(&client(), &hook(&url, 0, "1s"), &body).await,
             Err("no answer within 1s".to_owned())

@@ -133,9 +133,10 @@ fn managed_labels() -> Value {
 /// primary exists they keep its own values.
 const STATEFULSET_IMMUTABLE: [&str; 3] =
     ["serviceName", "volumeClaimTemplates", "podManagementPolicy"];
-const STATEFULSET_MUTABLE: [&str; 5] = [
+/// `persistentVolumeClaimRetentionPolicy` is left out on purpose: the primary keeps the default (Retain), so
+/// deleting a Rollout, which deletes the primary, never deletes the volumes that served production.
+const STATEFULSET_MUTABLE: [&str; 4] = [
     "updateStrategy",
-    "persistentVolumeClaimRetentionPolicy",
     "minReadySeconds",
     "revisionHistoryLimit",
     "ordinals",

@@ -254,16 +254,20 @@ pub fn hooks_due(spec: &RolloutSpec, status: &RolloutStatus, observed: &Observed
     }
 }
 
-/// Where a passing check at the current stage leads.
+/// Where a passing check at the current stage leads. Pauses are looked through: a weight increase (or the
+/// promotion) that comes after a pause is confirmed before the pause, as the last judged move before it.
 pub fn next_move(spec: &RolloutSpec, status: &RolloutStatus) -> NextMove {
     let ladder = stages(&spec.analysis);
     let step = status.current_step as usize;
-    if step + 1 >= ladder.len() {
-        return NextMove::Promotion;
-    }
-    let next = weight_at(&ladder, step + 1).min(max_weight(&ladder));
-    NextMove::Stage {
-        raises_weight: next > status.canary_weight,
+    let next_judged = ladder.iter().skip(step + 1).find_map(|stage| match stage {
+        Stage::Judge(weight) => Some(*weight),
+        Stage::Pause(_) => None,
+    });
+    match next_judged {
+        None => NextMove::Promotion,
+        Some(next) => NextMove::Stage {
+            raises_weight: next.min(max_weight(&ladder)) > status.canary_weight,
+        },
     }
 }
 
@@ -660,12 +664,17 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
                 steady(&mut next)
             } else {
                 requeue_after = READINESS_POLL;
-                // Keep the canary serving its share until the primary runs the new revision.
+                // Keep the canary serving its share until the primary runs the new revision, but only while
+                // the canary still runs the judged revision: a newer one pushed meanwhile gets no traffic.
+                let judged =
+                    observed.target_revision.as_deref() == Some(promoted_revision.as_str());
+                if !judged {
+                    next.canary_weight = Weight::ZERO;
+                }
                 Desired {
-                    primary_from_target: observed.target_revision.as_deref()
-                        == Some(promoted_revision.as_str()),
+                    primary_from_target: judged,
                     canary_up: true,
-                    canary_weight: status.canary_weight,
+                    canary_weight: next.canary_weight,
                     experiment: false,
                 }
             }
@@ -804,12 +813,8 @@ fn progress(
             READINESS_POLL,
         );
     }
-    // The deadline counts from the last progress; pauses and gate holds are waits the user asked for.
-    let held_by_gate = status
-        .message
-        .as_deref()
-        .is_some_and(|m| m.starts_with("held at "));
-    if !paused && !held_by_gate && since_progress > deadline(spec) {
+    // The deadline counts from the last progress; pauses are waits the user asked for (gate holds restart it).
+    if !paused && since_progress > deadline(spec) {
         let why = if !observed.canary_ready {
             format!(
                 "the canary did not become ready within {}s",
@@ -1103,6 +1108,9 @@ fn judge(
         }
         Some(Gate::Denied { by, reasons, .. }) => {
             let message = format!("held at {weight} by {by}: {}", reasons.join("; "));
+            // A hold is a wait someone asked for: the deadline starts again from each held check, so only
+            // what happens after the last one (no data, failed checks, a stuck canary) counts against it.
+            next.last_progress_time = Some(stamp(now));
             // One Event per new reason, not one per check.
             if next.message.as_deref() != Some(message.as_str()) {
                 transitions.push(Transition {

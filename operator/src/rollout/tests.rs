@@ -1076,3 +1076,71 @@ fn next_move_tells_weight_increases_from_promotion() {
         }
     );
 }
+
+#[test]
+fn next_move_looks_through_pauses() {
+    let spec_with = |steps: serde_json::Value| spec(json!({"interval": "5s", "steps": steps}));
+    let status = RolloutStatus {
+        current_step: 0,
+        canary_weight: Weight::new(20).expect("weight"),
+        ..RolloutStatus::default()
+    };
+    let paused_increase =
+        spec_with(json!([{"setWeight": 20}, {"pause": {"duration": "1m"}}, {"setWeight": 60}]));
+    assert_eq!(
+        next_move(&paused_increase, &status),
+        NextMove::Stage {
+            raises_weight: true
+        },
+        "the increase after the pause is confirmed before it"
+    );
+    let paused_promotion = spec_with(json!([{"setWeight": 20}, {"pause": {}}]));
+    assert_eq!(next_move(&paused_promotion, &status), NextMove::Promotion);
+}
+
+#[test]
+fn a_gate_hold_restarts_the_deadline_so_only_what_follows_counts() {
+    let mut world = initialized(canary_spec());
+    world.new_revision("r2");
+    world.observed.gate = Some(Gate::Denied {
+        by: "webhook approve".into(),
+        reasons: vec!["HTTP 403".into()],
+        rollback: false,
+    });
+    world.run(120);
+    // The approval comes, but the metrics go quiet: the 60s deadline counts from the last held check.
+    world.observed.gate = None;
+    world.health = Health::NoData;
+    world.run(30);
+    assert_eq!(
+        world.phase(),
+        Some(RolloutPhase::Progressing),
+        "{:?}",
+        world.status.message
+    );
+    world.run(60);
+    assert_eq!(world.phase(), Some(RolloutPhase::Failed));
+    let message = world.status.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("no progress within 60s (holding at 20%"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_revision_pushed_during_a_blue_green_switch_gets_no_traffic() {
+    let mut world = initialized(blue_green_spec());
+    world.new_revision("r2");
+    while world.phase() != Some(RolloutPhase::Promoting) {
+        world.tick(Duration::from_secs(1));
+        assert!(world.log.len() < 100, "never promoted");
+    }
+    assert_eq!(world.status.canary_weight, Weight::FULL, "switched");
+    // The primary is still rolling to r2 when r3 lands in the target (the canary).
+    world.observed.primary_ready = false;
+    world.observed.target_revision = Some("r3".into());
+    let plan = world.tick(Duration::from_secs(1));
+    assert_eq!(plan.desired.map(|d| d.canary_weight), Some(Weight::ZERO));
+    assert_eq!(world.status.canary_weight, Weight::ZERO);
+    assert_eq!(world.phase(), Some(RolloutPhase::Promoting));
+}

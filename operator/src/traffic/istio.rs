@@ -117,13 +117,19 @@ impl Router for IstioRouter {
                 .and_then(|r| r.get("weight"))
                 .and_then(weight_of)
         };
-        confirm(
+        let split = confirm(
             self,
             live,
             target,
             weight_for(&target.primary)?,
             weight_for(&target.canary)?,
-        )
+        )?;
+        // A mirror or Set-Cookie left on a plain split (say `mirror` was removed from the spec) is drift: the
+        // containment check would tolerate the extra keys, and the mirror would go on copying requests.
+        let leftover = rule.get("mirror").is_some()
+            || rule.get("mirrorPercentage").is_some()
+            || route.iter().any(|r| r.get("headers").is_some());
+        (split.experiment() || !leftover).then_some(split)
     }
 
     fn provider(&self) -> Provider {
@@ -167,6 +173,25 @@ fn destination(host: &str, port: u16, weight: Weight) -> Value {
 mod tests {
     use super::*;
     use crate::traffic::tests::{Edit, experiment_targets, exposed_target, plain_target, split};
+
+    #[test]
+    fn a_mirror_left_on_a_plain_split_is_drift() {
+        let (_, mirrored) = experiment_targets()
+            .into_iter()
+            .find(|(name, _)| *name == "mirror")
+            .expect("mirror target");
+        let live = IstioRouter.desired(&mirrored, split(0).with_experiment(true));
+        // The spec no longer asks for mirroring: the live mirror must be applied away.
+        assert_eq!(IstioRouter.observed_split(&live, &plain_target()), None);
+        let (_, sticky) = experiment_targets()
+            .into_iter()
+            .find(|(name, _)| *name == "sticky")
+            .expect("sticky target");
+        let mut live = IstioRouter.desired(&sticky, split(20).with_experiment(true));
+        // Only the weighted rule left, Set-Cookie still on it.
+        live["spec"]["http"] = json!([live["spec"]["http"][2].clone()]);
+        assert_eq!(IstioRouter.observed_split(&live, &plain_target()), None);
+    }
 
     #[test]
     fn canary_route_snapshots() {

@@ -76,6 +76,41 @@ pub fn cookie_regex(name: &str, value: &str) -> String {
     )
 }
 
+/// What in `analysis.match` no mesh would accept: a header name that is not an HTTP token, or a regex that
+/// is not valid RE2 (checked with the `regex` crate, whose syntax is RE2's without lookaround or backreferences).
+pub fn invalid_matches(matches: &[HttpMatch]) -> Option<String> {
+    let token = |name: &str| {
+        !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    };
+    for (index, m) in matches.iter().enumerate() {
+        for (name, condition) in &m.headers {
+            if !token(name) {
+                return Some(format!(
+                    "analysis.match[{index}].headers: {name:?} is not a valid HTTP header name"
+                ));
+            }
+            if let Some(pattern) = &condition.regex
+                && let Err(err) = regex::Regex::new(pattern)
+            {
+                let first_line = err
+                    .to_string()
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned();
+                return Some(format!(
+                    "analysis.match[{index}].headers.{name}.regex {pattern:?} is not a valid RE2 regex: {first_line}"
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// Names the canary-route features a mesh cannot express, as the message for `InvalidSpec`.
 fn unsupported_canary_routes(
     routes: &CanaryRoutes,
@@ -492,6 +527,41 @@ pub(crate) mod tests {
         assert!(
             why.contains("Linkerd rejects HTTPRoute RequestMirror"),
             "{why}"
+        );
+    }
+
+    #[test]
+    fn invalid_matches_name_the_field() {
+        let with = |name: &str, regex: &str| {
+            vec![HttpMatch {
+                headers: [(
+                    name.to_owned(),
+                    crate::api::StringMatch {
+                        exact: None,
+                        prefix: None,
+                        regex: Some(regex.to_owned()),
+                    },
+                )]
+                .into(),
+                cookie: None,
+            }]
+        };
+        assert_eq!(invalid_matches(&with("x-tenant", "beta-[0-9]+")), None);
+        let bad_name = invalid_matches(&with("x tenant", "a")).unwrap_or_default();
+        assert_eq!(
+            bad_name,
+            "analysis.match[0].headers: \"x tenant\" is not a valid HTTP header name"
+        );
+        let bad_regex = invalid_matches(&with("x-tenant", "beta-[0-9")).unwrap_or_default();
+        assert!(
+            bad_regex.starts_with(
+                "analysis.match[0].headers.x-tenant.regex \"beta-[0-9\" is not a valid RE2 regex"
+            ),
+            "{bad_regex}"
+        );
+        assert!(
+            invalid_matches(&with("x", "(?=lookahead)")).is_some(),
+            "RE2 has no lookahead"
         );
     }
 
