@@ -469,8 +469,21 @@ async fn apply(cached: &Rollout, ctx: &Context) -> Result<Action, Error> {
     if let Some(delivered) =
         deliver_outbox(rollout, ctx, &alerts, &next_status, jiff::Timestamp::now()).await
     {
-        write_status(rollout, ctx, &delivered, version).await?;
-        next_status = delivered;
+        next_status = match write_status(rollout, ctx, &delivered, version).await {
+            // Someone changed the Rollout during the delivery (an annotation, say): record what was delivered
+            // on the newer status, or the next round would send it again.
+            Err(err) if is_conflict(&err) => {
+                let newer = api.get(&rollout.name_any()).await?;
+                let mut merged = newer.status.clone().unwrap_or_default();
+                outbox::merge_delivery(&mut merged, &next_status, &delivered);
+                write_status(rollout, ctx, &merged, newer.resource_version()).await?;
+                merged
+            }
+            written => {
+                written?;
+                delivered
+            }
+        };
     }
     // One-shot commands are used once: a promote must not also skip the next pause or stage.
     if plan.command_used {

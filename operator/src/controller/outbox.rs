@@ -116,6 +116,26 @@ pub fn record(entry: &mut OutboxEntry, alert: &str, outcome: Result<(), String>,
     }
 }
 
+/// Carries the outcome of one delivery round (`before` → `after`) over to `current`, a newer status read after
+/// the round's own write was refused: entries that left the outbox leave it, attempted ones take their new state,
+/// and whatever else changed meanwhile (new entries, other fields) stays.
+pub fn merge_delivery(current: &mut RolloutStatus, before: &RolloutStatus, after: &RolloutStatus) {
+    for old in &before.notifications {
+        let outcome = after.notifications.iter().find(|e| e.id == old.id);
+        if outcome == Some(old) {
+            continue;
+        }
+        match outcome {
+            None => current.notifications.retain(|e| e.id != old.id),
+            Some(outcome) => {
+                if let Some(entry) = current.notifications.iter_mut().find(|e| e.id == old.id) {
+                    *entry = outcome.clone();
+                }
+            }
+        }
+    }
+}
+
 /// Entries whose next attempt is due.
 pub fn due(entry: &OutboxEntry, now: Timestamp) -> bool {
     !entry.pending.is_empty() && entry.next_attempt.as_ref().is_none_or(|t| t.0 <= now)
@@ -248,6 +268,53 @@ mod tests {
             at(),
         );
         assert_eq!(status.notifications.len(), 1, "nothing left to resolve");
+    }
+
+    #[test]
+    fn a_delivery_round_merges_onto_a_newer_status() {
+        let mut before = RolloutStatus::default();
+        let alerts = [alert("chat", AlertSeverity::Info)];
+        enqueue(
+            &mut before,
+            &alerts,
+            "ns/app",
+            &[transition("RolledBack", true), transition("Frozen", true)],
+            at(),
+        );
+        assert_eq!(before.notifications.len(), 2);
+        // The round delivered the first entry and failed the second.
+        let mut after = before.clone();
+        after.notifications.remove(0);
+        record(
+            &mut after.notifications[0],
+            "chat",
+            Err("HTTP 500".into()),
+            at(),
+        );
+        // Meanwhile someone else's write added a transition and changed the message.
+        let mut current = before.clone();
+        current.message = Some("newer".into());
+        enqueue(
+            &mut current,
+            &alerts,
+            "ns/app",
+            &[transition("Retry", false)],
+            at(),
+        );
+        merge_delivery(&mut current, &before, &after);
+        assert_eq!(current.message.as_deref(), Some("newer"));
+        let reasons: Vec<&str> = current
+            .notifications
+            .iter()
+            .map(|e| e.reason.as_str())
+            .collect();
+        assert_eq!(
+            reasons,
+            vec!["Frozen", "Retry"],
+            "the delivered entry is gone, the new one stays"
+        );
+        assert_eq!(current.notifications[0].attempts, 1);
+        assert_eq!(current.notifications[1].attempts, 0);
     }
 
     #[test]
