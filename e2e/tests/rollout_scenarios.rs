@@ -233,6 +233,27 @@ impl Scenario {
         }
     }
 
+    /// Waits for `InvalidSpec=True`; returns the condition.
+    async fn wait_for_invalid_spec(&self) -> sluice::api::Condition {
+        let started = Instant::now();
+        loop {
+            let status = self.rollout().await.status.unwrap_or_default();
+            if let Some(c) = status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "InvalidSpec" && c.status == "True")
+            {
+                return c.clone();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "no InvalidSpec condition\n{}",
+                self.operator.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The live route object as JSON.
     async fn route(&self) -> Value {
         let router = router_for(self.provider);
@@ -1272,23 +1293,7 @@ async fn a_target_sluice_cannot_split_is_reported_as_invalid_spec() {
     target["spec"]["selector"] =
         json!({"matchExpressions": [{"key": "app", "operator": "In", "values": ["podinfo"]}]});
     let s = Scenario::start_with(Provider::Istio, canary_analysis(2), 30, target).await;
-    let started = Instant::now();
-    let condition = loop {
-        let status = s.rollout().await.status.unwrap_or_default();
-        if let Some(c) = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "InvalidSpec" && c.status == "True")
-        {
-            break c.clone();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "no InvalidSpec condition\n{}",
-            s.operator.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let condition = s.wait_for_invalid_spec().await;
     assert!(
         condition.message.contains("matchLabels"),
         "{}",
@@ -1930,23 +1935,7 @@ async fn a_statefulset_canary_is_promoted_through_its_primary_clone() {
 async fn mirroring_on_linkerd_is_reported_as_invalid_spec() {
     let analysis = checked_analysis(json!({"iterations": 2, "mirror": true}));
     let s = Scenario::start_with(Provider::Linkerd, analysis, 30, deployment("podinfo:1")).await;
-    let started = Instant::now();
-    let condition = loop {
-        let status = s.rollout().await.status.unwrap_or_default();
-        if let Some(c) = status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "InvalidSpec" && c.status == "True")
-        {
-            break c.clone();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "no InvalidSpec condition\n{}",
-            s.operator.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let condition = s.wait_for_invalid_spec().await;
     assert!(
         condition
             .message

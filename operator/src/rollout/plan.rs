@@ -645,12 +645,7 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
                     reason: "Promoted",
                     message: format!("revision {promoted_revision} promoted: all traffic on the primary, canary scaled to 0"),
                 });
-                Desired {
-                    primary_from_target: false,
-                    canary_up: false,
-                    canary_weight: Weight::ZERO,
-                    experiment: false,
-                }
+                STOPPED
             } else if elapsed(status.last_progress_time.as_ref(), now) > deadline(spec) {
                 rollback(
                     &mut next,
@@ -691,15 +686,18 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
     )
 }
 
+/// After a rollback and between releases: everything on the primary, canary scaled to 0.
+const STOPPED: Desired = Desired {
+    primary_from_target: false,
+    canary_up: false,
+    canary_weight: Weight::ZERO,
+    experiment: false,
+};
+
 /// Between releases: everything on the primary, canary scaled to 0.
 fn steady(next: &mut RolloutStatus) -> Desired {
     next.canary_weight = Weight::ZERO;
-    Desired {
-        primary_from_target: false,
-        canary_up: false,
-        canary_weight: Weight::ZERO,
-        experiment: false,
-    }
+    STOPPED
 }
 
 fn set_phase(status: &mut RolloutStatus, phase: RolloutPhase, now: Timestamp) {
@@ -833,15 +831,7 @@ fn progress(
             )
         };
         rollback(next, now, why, transitions);
-        return (
-            Desired {
-                primary_from_target: false,
-                canary_up: false,
-                canary_weight: Weight::ZERO,
-                experiment: false,
-            },
-            interval,
-        );
+        return (STOPPED, interval);
     }
     if !observed.canary_ready {
         next.message = Some(format!(
@@ -857,15 +847,7 @@ fn progress(
             format!("pre-rollout webhook {hook} failed: {why}"),
             transitions,
         );
-        return (
-            Desired {
-                primary_from_target: false,
-                canary_up: false,
-                canary_weight: Weight::ZERO,
-                experiment: false,
-            },
-            interval,
-        );
+        return (STOPPED, interval);
     }
     // The canary is ready: the first stage takes effect.
     if status.stage_started_time.is_none() {
@@ -960,15 +942,7 @@ fn progress(
                     format!("webhook {hook} (rollback) asked for a rollback at {weight}"),
                     transitions,
                 );
-                (
-                    Desired {
-                        primary_from_target: false,
-                        canary_up: false,
-                        canary_weight: Weight::ZERO,
-                        experiment: false,
-                    },
-                    interval,
-                )
+                (STOPPED, interval)
             }
             Checks::Ran(verdicts) => judge(
                 spec,
@@ -1069,15 +1043,7 @@ fn judge(
                 ),
                 transitions,
             );
-            return (
-                Desired {
-                    primary_from_target: false,
-                    canary_up: false,
-                    canary_weight: Weight::ZERO,
-                    experiment: false,
-                },
-                interval,
-            );
+            return (STOPPED, interval);
         }
         return (running, interval);
     }
@@ -1096,15 +1062,7 @@ fn judge(
         }) => {
             let why = format!("{by} denied the promotion: {}", reasons.join("; "));
             self::rollback(next, now, why, transitions);
-            return (
-                Desired {
-                    primary_from_target: false,
-                    canary_up: false,
-                    canary_weight: Weight::ZERO,
-                    experiment: false,
-                },
-                interval,
-            );
+            return (STOPPED, interval);
         }
         Some(Gate::Denied { by, reasons, .. }) => {
             let message = format!("held at {weight} by {by}: {}", reasons.join("; "));
