@@ -63,13 +63,7 @@ fn rollout(provider: Provider, analysis: Value, deadline: u32) -> Value {
 }
 
 fn canary_analysis(threshold: u32) -> Value {
-    json!({
-        "interval": "1s", "threshold": threshold, "stepWeight": 20, "maxWeight": 60,
-        "metrics": [
-            {"name": "request-success-rate", "thresholdRange": {"min": 99}, "interval": "10s", "minRequests": 5},
-            {"name": "request-duration", "thresholdRange": {"max": 500}, "interval": "10s"}
-        ]
-    })
+    checked_analysis(json!({"threshold": threshold, "stepWeight": 20, "maxWeight": 60}))
 }
 
 fn deployment(image: &str) -> Value {
@@ -366,16 +360,12 @@ impl Scenario {
 
 /// The Api of Deployments or StatefulSets.
 fn workloads(client: &Client, kind: &str) -> Api<DynamicObject> {
-    let plural = if kind == "StatefulSet" {
-        "statefulsets"
-    } else {
-        "deployments"
-    };
-    let resource = kube::core::ApiResource::from_gvk_with_plural(
-        &kube::core::GroupVersionKind::gvk("apps", "v1", kind),
-        plural,
-    );
-    Api::namespaced_with(client.clone(), NS, &resource)
+    let kind: sluice::api::TargetKind = serde_json::from_value(json!(kind)).expect("a target kind");
+    Api::namespaced_with(
+        client.clone(),
+        NS,
+        &sluice::controller::workload::api_resource(kind),
+    )
 }
 
 /// A stand-in for consul-k8s' config-entry controller: after `delay`, marks a ServiceSplitter `Synced` when
@@ -752,23 +742,12 @@ deny contains "needs an approval: annotate the rollout with sluice.dev/approved-
     s.release("podinfo:2", json!({})).await;
     s.wait_for_weight(20, Duration::from_secs(20)).await;
     // Healthy metrics alone would have moved on within a few seconds: the gate holds it.
-    let started = Instant::now();
-    let message = loop {
-        let message = s
-            .rollout()
-            .await
-            .status
-            .and_then(|st| st.message)
-            .unwrap_or_default();
-        if message.starts_with("held at 20% by policy approval") {
-            break message;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "never held: {message}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let message = s
+        .wait_for_message(
+            |m| m.starts_with("held at 20% by policy approval"),
+            Duration::from_secs(20),
+        )
+        .await;
     assert!(message.contains("sluice.dev/approved-by"), "{message}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(

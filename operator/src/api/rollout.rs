@@ -98,6 +98,24 @@ pub enum TargetKind {
     StatefulSet,
 }
 
+impl TargetKind {
+    /// The `apps/v1` kind, as in `kind:` and in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::Deployment => "Deployment",
+            TargetKind::StatefulSet => "StatefulSet",
+        }
+    }
+
+    /// The resource's plural, as in URLs and RBAC.
+    pub fn plural(self) -> &'static str {
+        match self {
+            TargetKind::Deployment => "deployments",
+            TargetKind::StatefulSet => "statefulsets",
+        }
+    }
+}
+
 /// The Service Sluice generates for the target and the hosts the route answers for.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]

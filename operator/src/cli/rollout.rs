@@ -230,7 +230,7 @@ async fn rollout_command(
         RolloutCommand::Undo { name } => {
             let rollout = get_rollout(&api, &name, namespace).await?;
             let kind = rollout.spec.target_ref.kind;
-            let kind_name = crate::controller::kind_name(kind).to_lowercase();
+            let kind_name = kind.name().to_lowercase();
             let deployments: Api<DynamicObject> = Api::namespaced_with(
                 client,
                 namespace,
@@ -373,7 +373,7 @@ pub fn render_rollout(rollout: &Rollout, events: &[Event]) -> String {
     let _ = writeln!(
         out,
         "Target:     {} {}",
-        crate::controller::kind_name(rollout.spec.target_ref.kind),
+        rollout.spec.target_ref.kind.name(),
         rollout.spec.target_ref.name
     );
     let _ = writeln!(

@@ -30,13 +30,6 @@ use crate::api::{
     RolloutAlert, RolloutStatus, TargetKind, Verdict, WebhookType,
 };
 
-/// The kind's name, for messages.
-pub fn kind_name(kind: TargetKind) -> &'static str {
-    match kind {
-        TargetKind::Deployment => "Deployment",
-        TargetKind::StatefulSet => "StatefulSet",
-    }
-}
 use crate::metrics::{Prometheus, QueryContext};
 use crate::notify::{Deliverer, Notification, Severity, Sink};
 use crate::rollout::{
@@ -331,7 +324,7 @@ async fn apply(cached: &Rollout, ctx: &Context) -> Result<Action, Error> {
     let names = Names::of(rollout);
     let (workload_api, target, primary) = workloads(rollout, &names, ctx).await?;
     let status = rollout.status.clone().unwrap_or_default();
-    let kind = kind_name(rollout.spec.target_ref.kind);
+    let kind = rollout.spec.target_ref.kind.name();
 
     if let Some(target) = &target
         && workload::selector_labels(target).is_empty()

@@ -15,11 +15,10 @@ pub const REVISION_ANNOTATION: &str = "sluice.dev/revision";
 
 /// The `apps/v1` resource of a target kind, for a dynamic Api.
 pub fn api_resource(kind: TargetKind) -> ApiResource {
-    let (kind, plural) = match kind {
-        TargetKind::Deployment => ("Deployment", "deployments"),
-        TargetKind::StatefulSet => ("StatefulSet", "statefulsets"),
-    };
-    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("apps", "v1", kind), plural)
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("apps", "v1", kind.name()),
+        kind.plural(),
+    )
 }
 
 /// Names of everything a Rollout manages.
@@ -177,10 +176,6 @@ pub fn primary_workload(
         "selector": {"matchLabels": labels},
         "template": template,
     });
-    let kind_name = match kind {
-        TargetKind::Deployment => "Deployment",
-        TargetKind::StatefulSet => "StatefulSet",
-    };
     if kind == TargetKind::StatefulSet {
         for field in STATEFULSET_IMMUTABLE {
             let from = existing.unwrap_or(target);
@@ -211,7 +206,7 @@ pub fn primary_workload(
     }
     json!({
         "apiVersion": "apps/v1",
-        "kind": kind_name,
+        "kind": kind.name(),
         "metadata": {
             "name": names.primary,
             "namespace": names.namespace,

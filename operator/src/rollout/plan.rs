@@ -432,12 +432,7 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
                     message: format!("the user asked to release revision {target_revision} again"),
                 });
                 start_release(&mut next, &target_revision, now, spec, &mut transitions);
-                let desired = Desired {
-                    primary_from_target: false,
-                    canary_up: true,
-                    canary_weight: Weight::ZERO,
-                    experiment: false,
-                };
+                let desired = running(Weight::ZERO);
                 return finish(
                     next,
                     status,
@@ -474,12 +469,7 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
             "paused by the user at {}; `sluice rollout resume` continues",
             status.canary_weight
         ));
-        let desired = Desired {
-            primary_from_target: false,
-            canary_up: true,
-            canary_weight: status.canary_weight,
-            experiment: false,
-        };
+        let desired = running(status.canary_weight);
         return finish(
             next,
             status,
@@ -569,12 +559,7 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
             } else {
                 start_release(&mut next, &target_revision, now, spec, &mut transitions);
                 requeue_after = READINESS_POLL;
-                Desired {
-                    primary_from_target: false,
-                    canary_up: true,
-                    canary_weight: Weight::ZERO,
-                    experiment: false,
-                }
+                running(Weight::ZERO)
             }
         }
         Some(RolloutPhase::Progressing | RolloutPhase::Paused) => {
@@ -686,6 +671,16 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
     )
 }
 
+/// A release in progress: the canary runs and gets `weight`; the primary keeps its template.
+fn running(weight: Weight) -> Desired {
+    Desired {
+        primary_from_target: false,
+        canary_up: true,
+        canary_weight: weight,
+        experiment: false,
+    }
+}
+
 /// After a rollback and between releases: everything on the primary, canary scaled to 0.
 const STOPPED: Desired = Desired {
     primary_from_target: false,
@@ -753,12 +748,7 @@ fn restart_release(
         ),
     });
     start_release(next, revision, now, spec, transitions);
-    Desired {
-        primary_from_target: false,
-        canary_up: true,
-        canary_weight: Weight::ZERO,
-        experiment: false,
-    }
+    running(Weight::ZERO)
 }
 
 fn rollback(
@@ -790,12 +780,6 @@ fn progress(
 ) -> (Desired, Duration) {
     let ladder = stages(&spec.analysis);
     let interval = interval(spec);
-    let running = |weight: Weight| Desired {
-        primary_from_target: false,
-        canary_up: true,
-        canary_weight: weight,
-        experiment: false,
-    };
     let since_progress = elapsed(status.last_progress_time.as_ref(), now);
     let since_stage = elapsed(status.stage_started_time.as_ref(), now);
     let step = (status.current_step as usize).min(ladder.len().saturating_sub(1));
@@ -990,12 +974,6 @@ fn judge(
     transitions: &mut Vec<Transition>,
 ) -> (Desired, Duration) {
     let interval = interval(spec);
-    let running = Desired {
-        primary_from_target: false,
-        canary_up: true,
-        canary_weight: weight,
-        experiment: false,
-    };
     next.last_check_time = Some(stamp(now));
     next.verdicts = verdicts.to_vec();
     // A metric the spec asks for but the controller did not report is no data, never a pass.
@@ -1045,11 +1023,11 @@ fn judge(
             );
             return (STOPPED, interval);
         }
-        return (running, interval);
+        return (running(weight), interval);
     }
     if !held.is_empty() {
         next.message = Some(format!("holding at {weight}: {}", held.join(", ")));
-        return (running, interval);
+        return (running(weight), interval);
     }
     if spec.analysis.failure_counting == FailureCounting::Consecutive {
         next.failed_checks = 0;
@@ -1078,7 +1056,7 @@ fn judge(
                 });
             }
             next.message = Some(message);
-            return (running, interval);
+            return (running(weight), interval);
         }
         Some(Gate::Allowed(policies)) => transitions.push(Transition {
             warning: false,
@@ -1143,15 +1121,7 @@ fn advance(
         Stage::Pause(None) => READINESS_POLL,
         Stage::Judge(_) => interval,
     };
-    (
-        Desired {
-            primary_from_target: false,
-            canary_up: true,
-            canary_weight: weight,
-            experiment: false,
-        },
-        wait,
-    )
+    (running(weight), wait)
 }
 
 fn begin_promotion(
