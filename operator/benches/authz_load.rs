@@ -22,7 +22,7 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_client::Authorizati
 use envoy_types::pb::google::protobuf::Timestamp;
 use serde_json::json;
 use sluice::authz::grpc::grpc_response;
-use sluice::authz::input::{InputOptions, input_from_check_request};
+use sluice::authz::input::{InputOptions, input_from_check_request, policy_input};
 use sluice::authz::metrics::AuthzMetrics;
 use sluice::authz::response::{Decision, ResponseOptions, check_response};
 use sluice::authz::{Active, Authorizer, Overrides};
@@ -345,9 +345,7 @@ fn nanos(d: Duration) -> u64 {
 
 /// What the gRPC front end does per request, minus protobuf decoding and transport.
 fn handle(authorizer: &Authorizer, request: &CheckRequest) -> bool {
-    let verdict = authorizer.check(REQUEST_PATH, |options| {
-        input_from_check_request(request, options)
-    });
+    let verdict = authorizer.check(REQUEST_PATH, |options| policy_input(request, options));
     let response = grpc_response(verdict).expect("a bundle is active");
     response.status.is_some_and(|s| s.code == 0)
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse};
 use tonic::{Request, Response, Status};
 
-use super::input::input_from_check_request;
+use super::input::policy_input;
 use super::response::{
     ResponseOptions, check_response, error_check_response, input_error_response,
 };
@@ -55,7 +55,7 @@ impl Authorization for CheckService {
             .unwrap_or_default();
         let verdict = self
             .authorizer
-            .check(path, |options| input_from_check_request(&request, options));
+            .check(path, |options| policy_input(&request, options));
         grpc_response(verdict).map(Response::new)
     }
 }

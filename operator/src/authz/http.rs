@@ -11,7 +11,9 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, he
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use super::input::{HttpRequestParts, check_request_from_http, input_from_check_request};
+use super::input::{
+    HttpRequestParts, InputError, PARTIAL_BODY_HEADER, check_request_from_http, policy_input,
+};
 use super::response::{
     HttpVerdict, ResponseOptions, http_error_verdict, http_input_error_verdict, http_verdict,
 };
@@ -22,14 +24,37 @@ struct CheckState {
     authorizer: Arc<Authorizer>,
     /// Envoy's `http_service.path_prefix`, removed before the path reaches the policy.
     path_prefix: Arc<str>,
+    allow_unsignalled_body: bool,
+}
+
+/// How the HTTP ext_authz service reads what Envoy forwards.
+#[derive(Debug, Clone, Default)]
+pub struct HttpCheckOptions {
+    /// Envoy's `http_service.path_prefix`, removed from the path the policy sees.
+    pub path_prefix: String,
+    /// Parse a body that arrives without `x-envoy-auth-partial-body`. Only safe when Envoy's
+    /// `with_request_body.allow_partial_message` is false, so every forwarded body is whole.
+    pub allow_unsignalled_body: bool,
 }
 
 /// The HTTP ext_authz service: answers every request as a check of the request Envoy forwarded.
-pub fn check_router(authorizer: Arc<Authorizer>, path_prefix: &str) -> Router {
+pub fn check_router(authorizer: Arc<Authorizer>, options: &HttpCheckOptions) -> Router {
     Router::new().fallback(check).with_state(CheckState {
         authorizer,
-        path_prefix: path_prefix.trim_end_matches('/').into(),
+        path_prefix: options.path_prefix.trim_end_matches('/').into(),
+        allow_unsignalled_body: options.allow_unsignalled_body,
     })
+}
+
+/// Whether a body can be parsed safely in HTTP mode. Envoy's HTTP client rewrites `content-length`
+/// to the size it forwards, so only `x-envoy-auth-partial-body` says whether the body was cut at
+/// `max_request_bytes`; without it, a truncated form could hide a field the backend will read.
+pub fn body_completeness_known(
+    headers: &HeaderMap,
+    body: &[u8],
+    allow_unsignalled_body: bool,
+) -> bool {
+    body.is_empty() || allow_unsignalled_body || headers.contains_key(PARTIAL_BODY_HEADER)
 }
 
 /// The original request target, without Envoy's path prefix.
@@ -93,17 +118,45 @@ async fn check(
             .iter()
             .map(|(name, value)| (name.as_str(), value.as_bytes())),
     );
-    let verdict = state
-        .authorizer
-        .check(&path, |options| input_from_check_request(&request, options));
+    let signalled = body_completeness_known(&headers, &body, state.allow_unsignalled_body);
+    let verdict = state.authorizer.check(&path, |options| {
+        if !signalled && !options.skip_request_body_parse {
+            return Err(InputError::UnsignalledBody);
+        }
+        policy_input(&request, options)
+    });
     into_response(http_response_for(verdict))
 }
+
+/// Headers a policy may not set on the answer to Envoy: they describe this response's framing
+/// and connection, and a wrong value would make Envoy read the answer as an error (and then
+/// `failure_mode_allow` decides) instead of as the policy's verdict.
+const RESERVED_RESPONSE_HEADERS: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-connection",
+];
 
 fn into_response(verdict: HttpVerdict) -> Response {
     let status = StatusCode::from_u16(verdict.status).unwrap_or(StatusCode::FORBIDDEN);
     let mut response = (status, verdict.body).into_response();
     let headers = response.headers_mut();
     for (name, value) in verdict.headers {
+        if RESERVED_RESPONSE_HEADERS
+            .iter()
+            .any(|reserved| name.eq_ignore_ascii_case(reserved))
+        {
+            tracing::debug!(
+                name,
+                "policy set a framing header on the HTTP verdict; dropped"
+            );
+            continue;
+        }
         match (
             HeaderName::from_bytes(name.as_bytes()),
             HeaderValue::from_str(&value),

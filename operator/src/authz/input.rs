@@ -60,9 +60,41 @@ pub enum InputError {
     /// Body declared as `application/json` is not valid JSON.
     #[error("invalid JSON body: {0}")]
     InvalidJsonBody(#[from] serde_json::Error),
-    /// Malformed `multipart/form-data` body.
+    /// Malformed `multipart/form-data` body, or one Go's reader would not read the same way.
     #[error("invalid multipart body: {0}")]
-    InvalidMultipart(&'static str),
+    InvalidMultipart(#[from] super::multipart::MultipartError),
+    /// The `content-type` of a multipart body is not a valid media type.
+    #[error("invalid content-type: {0}")]
+    InvalidContentType(#[from] super::multipart::MediaTypeError),
+    /// HTTP mode: a body without `x-envoy-auth-partial-body`, so whether it is complete is unknown.
+    #[error(
+        "request body without the x-envoy-auth-partial-body header: add it to Envoy's http_service authorization_request.allowed_headers (or start sluice authz with --http-allow-unsignalled-body if allow_partial_message is false)"
+    )]
+    UnsignalledBody,
+}
+
+/// The policy `input`: the JSON document (what decision logs record) and, when the body held numbers
+/// an `f64` cannot represent, `parsed_body` again with those numbers exact (OPA keeps them exact).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyInput {
+    pub document: Value,
+    exact_body: Option<regorus::Value>,
+}
+
+impl PolicyInput {
+    /// The value the policy is evaluated on.
+    pub fn into_rego(self) -> regorus::Value {
+        let mut input = regorus::Value::from(self.document);
+        if let (Some(body), Ok(fields)) = (self.exact_body, input.as_object_mut()) {
+            fields.insert(regorus::Value::from("parsed_body"), body);
+        }
+        input
+    }
+
+    /// `parsed_body` with exact numbers, when it differs from the document's.
+    pub fn exact_body(&self) -> Option<&regorus::Value> {
+        self.exact_body.as_ref()
+    }
 }
 
 /// Builds `input` for a `CheckRequest` exactly like OPA-Envoy's `RequestToInput` (v3):
@@ -72,6 +104,11 @@ pub fn input_from_check_request(
     req: &CheckRequest,
     opts: &InputOptions,
 ) -> Result<Value, InputError> {
+    policy_input(req, opts).map(|input| input.document)
+}
+
+/// [`input_from_check_request`], keeping big numbers of the body exact for evaluation.
+pub fn policy_input(req: &CheckRequest, opts: &InputOptions) -> Result<PolicyInput, InputError> {
     let enc = opts.encoding;
     let mut input = Map::new();
     if let Some(attrs) = &req.attributes {
@@ -101,11 +138,13 @@ pub fn input_from_check_request(
     input.insert("parsed_path".into(), parsed_path);
     input.insert("parsed_query".into(), parsed_query);
 
+    let mut exact_body = None;
     if !opts.skip_request_body_parse {
         let empty = HashMap::new();
         let (parsed_body, truncated) = parse_body(headers.unwrap_or(&empty), body, raw_body)?;
-        input.insert("parsed_body".into(), parsed_body);
+        input.insert("parsed_body".into(), parsed_body.json);
         input.insert("truncated_body".into(), Value::Bool(truncated));
+        exact_body = parsed_body.exact;
     }
 
     if let Some(p) = req
@@ -117,7 +156,10 @@ pub fn input_from_check_request(
     {
         input.insert("source_principal".into(), Value::from(p));
     }
-    Ok(Value::Object(input))
+    Ok(PolicyInput {
+        document: Value::Object(input),
+        exact_body,
+    })
 }
 
 /// A plain HTTP request as received by Sluice's HTTP ext_authz service
@@ -614,35 +656,50 @@ pub fn parse_path_and_query(path: &str) -> Result<(Value, Value), InputError> {
     ))
 }
 
-/// Returns `(parsed_body, truncated_body)` per OPA-Envoy's `getParsedBody`.
+/// `parsed_body` as JSON, and again with exact numbers when that differs.
+struct ParsedBody {
+    json: Value,
+    exact: Option<regorus::Value>,
+}
+
+impl ParsedBody {
+    const NULL: ParsedBody = ParsedBody {
+        json: Value::Null,
+        exact: None,
+    };
+}
+
+/// Returns `(parsed_body, truncated_body)` per OPA-Envoy's `getParsedBody`: the content type is
+/// matched by substring in the same order (JSON, gRPC, form, multipart).
 fn parse_body(
     headers: &HashMap<String, String>,
     body: &str,
     raw_body: &[u8],
-) -> Result<(Value, bool), InputError> {
+) -> Result<(ParsedBody, bool), InputError> {
     if headers.get(PARTIAL_BODY_HEADER).map(String::as_str) == Some("true") {
-        return Ok((Value::Null, true));
+        return Ok((ParsedBody::NULL, true));
     }
     let Some(content_type) = headers.get("content-type") else {
-        return Ok((Value::Null, false));
+        return Ok((ParsedBody::NULL, false));
     };
     let kind = if content_type.contains("application/json") {
         BodyKind::Json
+    } else if content_type.contains("application/grpc") {
+        // Needs a proto descriptor set (unsupported, as OPA-Envoy without `proto-descriptor`).
+        return Ok((ParsedBody::NULL, false));
     } else if content_type.contains("application/x-www-form-urlencoded") {
         BodyKind::Form
     } else if content_type.contains("multipart/form-data") {
         BodyKind::Multipart
     } else {
-        // application/grpc needs a proto descriptor set (unsupported, as OPA-Envoy without
-        // `proto-descriptor`); anything else is not parsed.
-        return Ok((Value::Null, false));
+        return Ok((ParsedBody::NULL, false));
     };
-    let payload: Cow<'_, str> = if !body.is_empty() {
-        Cow::Borrowed(body)
+    let payload: &[u8] = if !body.is_empty() {
+        body.as_bytes()
     } else if !raw_body.is_empty() {
-        String::from_utf8_lossy(raw_body)
+        raw_body
     } else {
-        return Ok((Value::Null, false));
+        return Ok((ParsedBody::NULL, false));
     };
     if let Some(cl) = headers.get("content-length") {
         let cl: i64 = cl
@@ -650,16 +707,16 @@ fn parse_body(
             .map_err(|_| InputError::InvalidContentLength(cl.clone()))?;
         let len = i64::try_from(payload.len()).unwrap_or(i64::MAX);
         if cl != -1 && cl > len {
-            return Ok((Value::Null, true));
+            return Ok((ParsedBody::NULL, true));
         }
     }
     let parsed = match kind {
-        BodyKind::Json => serde_json::from_str(&payload)?,
-        BodyKind::Form => Value::Object(parse_query(&payload)?),
-        BodyKind::Multipart => match multipart_boundary(content_type) {
-            Some(boundary) => parse_multipart(&payload, &boundary)?,
-            None => Value::Null,
+        BodyKind::Json => parse_json(&go_lossy(payload))?,
+        BodyKind::Form => ParsedBody {
+            json: Value::Object(parse_query(&go_lossy(payload))?),
+            exact: None,
         },
+        BodyKind::Multipart => parse_multipart(content_type, payload)?,
     };
     Ok((parsed, false))
 }
@@ -670,113 +727,230 @@ enum BodyKind {
     Multipart,
 }
 
-/// `boundary` parameter of a `multipart/form-data` content type (quoted or token).
-fn multipart_boundary(content_type: &str) -> Option<String> {
-    content_type.split(';').skip(1).find_map(|param| {
-        let (k, v) = param.split_once('=')?;
-        if !k.trim().eq_ignore_ascii_case("boundary") {
-            return None;
+/// Bytes as a Go program turning them into UTF-8 text sees them (`encoding/json`, `range` over a
+/// string): each byte that is not part of valid UTF-8 becomes one U+FFFD.
+fn go_lossy(bytes: &[u8]) -> Cow<'_, str> {
+    let Err(_) = std::str::from_utf8(bytes) else {
+        return String::from_utf8_lossy(bytes);
+    };
+    let mut out = String::with_capacity(bytes.len() + 8);
+    let mut rest = bytes;
+    loop {
+        match std::str::from_utf8(rest) {
+            Ok(valid) => {
+                out.push_str(valid);
+                return Cow::Owned(out);
+            }
+            Err(e) => {
+                let (valid, invalid) = rest.split_at(e.valid_up_to());
+                out.push_str(std::str::from_utf8(valid).unwrap_or_default());
+                out.push(char::REPLACEMENT_CHARACTER);
+                rest = &invalid[1..];
+            }
         }
-        let v = v.trim();
-        let v = v
-            .strip_prefix('"')
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or(v);
-        (!v.is_empty()).then(|| v.to_owned())
+    }
+}
+
+/// JSON as OPA's `util.UnmarshalJSON` reads it. OPA keeps numbers as their decimal text, so
+/// `12345678901234567891` and `12345678901234567890` differ; `serde_json` would make both the same
+/// `f64`. When a number is not exact as `f64` (or a 64-bit integer), the value is built again for
+/// evaluation with each number taken from its text.
+fn parse_json(text: &str) -> Result<ParsedBody, serde_json::Error> {
+    let json: Value = serde_json::from_str(text)?;
+    let numbers = number_tokens(text);
+    if numbers.iter().all(|n| exact_as_f64(n)) {
+        return Ok(ParsedBody { json, exact: None });
+    }
+    use serde::de::DeserializeSeed as _;
+    let mut numbers = numbers.into_iter();
+    let mut de = serde_json::Deserializer::from_str(text);
+    let exact = ExactValue {
+        numbers: &mut numbers,
+    }
+    .deserialize(&mut de)?;
+    Ok(ParsedBody {
+        json,
+        exact: Some(exact),
     })
 }
 
-/// Minimal `multipart/form-data` reader: `{name: [value...]}`, JSON parts parsed, parts
-/// without a form name skipped (like Go's `Part.FormName()`).
-fn parse_multipart(payload: &str, boundary: &str) -> Result<Value, InputError> {
-    let delim = format!("--{boundary}");
-    let mut out: Map<String, Value> = Map::new();
-    let Some(start) = payload.find(&delim) else {
-        return Err(InputError::InvalidMultipart("missing boundary"));
-    };
-    let mut rest = &payload[start + delim.len()..];
-    loop {
-        if rest.starts_with("--") {
-            break; // closing delimiter
-        }
-        rest = rest
-            .strip_prefix("\r\n")
-            .or_else(|| rest.strip_prefix('\n'))
-            .ok_or(InputError::InvalidMultipart("malformed delimiter line"))?;
-        let (head, after_head) =
-            split_headers(rest).ok_or(InputError::InvalidMultipart("unterminated part headers"))?;
-        let next = after_head
-            .find(&delim)
-            .ok_or(InputError::InvalidMultipart("missing closing boundary"))?;
-        let content = &after_head[..next];
-        let content = content
-            .strip_suffix("\r\n")
-            .or_else(|| content.strip_suffix('\n'))
-            .unwrap_or(content);
-        rest = &after_head[next + delim.len()..];
-
-        let mut name = None;
-        let mut is_json = false;
-        for line in head.lines() {
-            let Some((k, v)) = line.split_once(':') else {
-                continue;
-            };
-            let k = k.trim();
-            if k.eq_ignore_ascii_case("content-disposition") {
-                let mut params = v.split(';');
-                if params.next().map(str::trim) != Some("form-data") {
-                    continue;
+/// The number literals of a valid JSON text, in document order.
+fn number_tokens(text: &str) -> Vec<&str> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                while i < bytes.len() {
+                    match bytes[i] {
+                        b'\\' => i += 2,
+                        b'"' => {
+                            i += 1;
+                            break;
+                        }
+                        _ => i += 1,
+                    }
                 }
-                name = params.find_map(|p| {
-                    let (pk, pv) = p.split_once('=')?;
-                    pk.trim().eq_ignore_ascii_case("name").then(|| {
-                        let pv = pv.trim();
-                        pv.strip_prefix('"')
-                            .and_then(|x| x.strip_suffix('"'))
-                            .unwrap_or(pv)
-                            .to_owned()
-                    })
-                });
-            } else if k.eq_ignore_ascii_case("content-type") {
-                is_json = v.contains("application/json");
             }
-        }
-        let Some(name) = name.filter(|n| !n.is_empty()) else {
-            continue;
-        };
-        let value = if is_json {
-            serde_json::from_str(content)?
-        } else {
-            Value::from(content)
-        };
-        match out.get_mut(&name) {
-            Some(Value::Array(list)) => list.push(value),
-            _ => {
-                out.insert(name, Value::Array(vec![value]));
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < bytes.len()
+                    && matches!(bytes[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                {
+                    i += 1;
+                }
+                out.push(&text[start..i]);
             }
+            _ => i += 1,
         }
     }
-    Ok(Value::Object(out))
+    out
 }
 
-/// Splits a part into its header block and content at the first blank line.
-fn split_headers(s: &str) -> Option<(&str, &str)> {
-    if let Some(content) = s.strip_prefix("\r\n").or_else(|| s.strip_prefix('\n')) {
-        return Some(("", content));
+fn exact_as_f64(literal: &str) -> bool {
+    if literal.bytes().all(|b| b.is_ascii_digit() || b == b'-') {
+        return literal.parse::<i64>().is_ok() || literal.parse::<u64>().is_ok();
     }
-    let crlf = s.find("\r\n\r\n").map(|i| (i, 4));
-    let lf = s.find("\n\n").map(|i| (i, 2));
-    let (i, n) = match (crlf, lf) {
-        (Some(a), Some(b)) => {
-            if a.0 <= b.0 {
-                a
-            } else {
-                b
+    match (
+        regorus::Value::from_numeric_string(literal),
+        literal.parse::<f64>(),
+    ) {
+        (Ok(exact), Ok(float)) => exact == regorus::Value::from(float),
+        _ => false,
+    }
+}
+
+/// Builds a `regorus::Value` from JSON, taking each number from its literal text.
+struct ExactValue<'a, 't> {
+    numbers: &'a mut std::vec::IntoIter<&'t str>,
+}
+
+impl ExactValue<'_, '_> {
+    fn number<E: serde::de::Error>(self) -> Result<regorus::Value, E> {
+        let literal = self
+            .numbers
+            .next()
+            .ok_or_else(|| E::custom("number literals out of step"))?;
+        regorus::Value::from_numeric_string(literal)
+            .map_err(|_| E::custom(format!("number {literal} is out of range")))
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for ExactValue<'_, '_> {
+    type Value = regorus::Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<regorus::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ExactValue<'_, '_> {
+    type Value = regorus::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<regorus::Value, E> {
+        Ok(regorus::Value::from(v))
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<regorus::Value, E> {
+        self.number()
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<regorus::Value, E> {
+        self.number()
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<regorus::Value, E> {
+        self.number()
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<regorus::Value, E> {
+        Ok(regorus::Value::from(v))
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<regorus::Value, E> {
+        Ok(regorus::Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> Result<regorus::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element_seed(ExactValue {
+            numbers: &mut *self.numbers,
+        })? {
+            items.push(item);
+        }
+        Ok(regorus::Value::from(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> Result<regorus::Value, A::Error> {
+        let mut fields = std::collections::BTreeMap::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let value = map.next_value_seed(ExactValue {
+                numbers: &mut *self.numbers,
+            })?;
+            fields.insert(regorus::Value::from(key), value);
+        }
+        Ok(regorus::Value::from(fields))
+    }
+}
+
+/// `multipart/form-data` as OPA-Envoy reads it with Go's `mime/multipart`: `{name: [value...]}`,
+/// parts whose Content-Type contains `application/json` parsed as JSON, nameless parts skipped.
+fn parse_multipart(content_type: &str, payload: &[u8]) -> Result<ParsedBody, InputError> {
+    let media = super::multipart::parse_media_type(content_type.as_bytes())?;
+    let Some(boundary) = media.params.get("boundary") else {
+        return Ok(ParsedBody::NULL);
+    };
+    let fields = super::multipart::read_form(payload, boundary)?;
+    let mut json: Map<String, Value> = Map::new();
+    let mut exact: Vec<(String, Vec<Option<regorus::Value>>)> = Vec::new();
+    let mut any_exact = false;
+    for field in fields {
+        let is_json = memchr_str(&field.content_type, b"application/json");
+        let (value, exact_value) = if is_json {
+            let parsed = parse_json(&go_lossy(&field.value))?;
+            (parsed.json, parsed.exact)
+        } else {
+            (Value::from(go_lossy(&field.value).into_owned()), None)
+        };
+        any_exact |= exact_value.is_some();
+        match json.get_mut(&field.name) {
+            Some(Value::Array(list)) => list.push(value),
+            _ => {
+                json.insert(field.name.clone(), Value::Array(vec![value]));
             }
         }
-        (a, b) => a.or(b)?,
-    };
-    Some((&s[..i], &s[i + n..]))
+        match exact.iter_mut().find(|(name, _)| *name == field.name) {
+            Some((_, values)) => values.push(exact_value),
+            None => exact.push((field.name, vec![exact_value])),
+        }
+    }
+    let exact = any_exact.then(|| {
+        let fields = exact
+            .into_iter()
+            .map(|(name, values)| {
+                let list = &json[&name];
+                let values = values
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, v)| v.unwrap_or_else(|| regorus::Value::from(list[i].clone())))
+                    .collect::<Vec<_>>();
+                (regorus::Value::from(name), regorus::Value::from(values))
+            })
+            .collect::<std::collections::BTreeMap<_, _>>();
+        regorus::Value::from(fields)
+    });
+    Ok(ParsedBody {
+        json: Value::Object(json),
+        exact,
+    })
+}
+
+fn memchr_str(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ pub mod grpc;
 pub mod http;
 pub mod input;
 pub mod metrics;
+pub mod multipart;
 pub mod response;
 pub mod source;
 
@@ -222,7 +223,7 @@ impl Authorizer {
     pub fn check(
         &self,
         path: &str,
-        build: impl FnOnce(&input::InputOptions) -> Result<Value, input::InputError>,
+        build: impl FnOnce(&input::InputOptions) -> Result<input::PolicyInput, input::InputError>,
     ) -> Verdict {
         let started = Instant::now();
         let Some(active) = self.active() else {
@@ -245,8 +246,8 @@ impl Authorizer {
             .log
             .as_ref()
             .filter(|log| log.sample())
-            .map(|_| input.clone());
-        let result = active.evaluate(regorus::Value::from(input));
+            .map(|_| input.document.clone());
+        let result = active.evaluate(input.into_rego());
         let outcome = match &result {
             Ok(value) => Decision::from_result(value.as_ref()).map_err(|e| e.to_string()),
             Err(err) => Err(err.to_string()),

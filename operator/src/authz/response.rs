@@ -525,7 +525,7 @@ pub fn http_verdict(decision: &Decision, opts: &ResponseOptions<'_>) -> HttpVerd
     if !allowed {
         return HttpVerdict {
             allowed,
-            status: d.http_status,
+            status: http_denial_status(d.http_status),
             headers: d.headers.clone(),
             body: d.body.clone(),
             ..Default::default()
@@ -547,6 +547,18 @@ pub fn http_verdict(decision: &Decision, opts: &ResponseOptions<'_>) -> HttpVerd
         body: String::new(),
         upstream_headers: d.headers.clone(),
         client_headers_on_success: d.response_headers_to_add.clone(),
+    }
+}
+
+/// The status an HTTP-mode denial is answered with. Envoy's HTTP ext_authz client allows a request
+/// exactly when the answer is 200, reads 5xx as an authorization-server *error* (then
+/// `failure_mode_allow` or `status_on_error` decides), and 1xx is no final answer at all; so a
+/// denial asking for any of those is answered 403, and stays a denial whatever Envoy's settings.
+/// (gRPC mode keeps the policy's status: there the denial is carried by the gRPC code.)
+pub fn http_denial_status(requested: u16) -> u16 {
+    match requested {
+        200 | 100..=199 | 500.. => DEFAULT_DENY_STATUS,
+        other => other,
     }
 }
 

@@ -33,6 +33,11 @@ pub struct AuthzArgs {
     /// Envoy's `http_service.path_prefix`, removed from the path the policy sees.
     #[arg(long, default_value = "")]
     pub http_path_prefix: String,
+    /// HTTP mode: parse request bodies that arrive without the x-envoy-auth-partial-body header.
+    /// Only safe when Envoy's with_request_body.allow_partial_message is false; by default such
+    /// requests are denied with 400, since a truncated body could hide fields from the policy.
+    #[arg(long)]
+    pub http_allow_unsignalled_body: bool,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:8282")]
     pub metrics_addr: SocketAddr,
@@ -197,7 +202,11 @@ async fn serve(args: AuthzArgs) -> Result<(), AuthzError> {
         async move { axum::serve(admin_listener, router).await }
     });
     let http = http_listener.map(|listener| {
-        let router = crate::authz::http::check_router(authorizer.clone(), &args.http_path_prefix);
+        let options = crate::authz::http::HttpCheckOptions {
+            path_prefix: args.http_path_prefix.clone(),
+            allow_unsignalled_body: args.http_allow_unsignalled_body,
+        };
+        let router = crate::authz::http::check_router(authorizer.clone(), &options);
         let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
             let _ = stream.set_nodelay(true);
         });
