@@ -540,3 +540,116 @@ async fn the_last_revision_keeps_serving_when_the_bundle_server_goes_away() {
         .unwrap();
     assert_eq!(ready.status(), 200, "still ready on the last revision");
 }
+
+const GUARDED: &str = r#"package envoy.guard
+
+# Denials that ask for statuses Envoy's HTTP client would read as an allow (200) or as an
+# authorization-server error (5xx, then failure_mode_allow decides).
+default result := {"allowed": false, "http_status": 200, "body": "denied"}
+
+result := {"allowed": false, "http_status": 503, "body": "maintenance"} if input.parsed_path[0] == "maintenance"
+
+result := {"allowed": true} if input.parsed_path[0] == "open"
+
+# A deny list keyed on one exact big number: its f64 neighbour must not match.
+result := {"allowed": false, "http_status": 403, "body": "blocked id"} if {
+	input.parsed_path[0] == "ids"
+	input.parsed_body.id == 12345678901234567891
+}
+
+result := {"allowed": true} if {
+	input.parsed_path[0] == "ids"
+	input.parsed_body.id != 12345678901234567891
+}
+
+# A hidden form field: the role the backend's multipart reader sees.
+result := {"allowed": false, "http_status": 403, "body": "no admins"} if {
+	input.parsed_path[0] == "upload"
+	"admin" in input.parsed_body.role
+}
+
+result := {"allowed": true} if {
+	input.parsed_path[0] == "upload"
+	not "admin" in object.get(input.parsed_body, "role", [])
+}
+"#;
+
+/// The security rules of HTTP mode, against the real binary: a denial is never answered 200 or 5xx,
+/// a body without Envoy's partial-body signal is refused, big numbers and multipart fields are read
+/// as OPA-Envoy reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_mode_fails_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let http = http_client();
+    let bundle = build_bundle(dir.path(), "guard", &[("guard.rego", GUARDED)]);
+    let authz = Authz::start(
+        bundle.to_str().unwrap(),
+        &["--query", "data.envoy.guard.result"],
+        dir.path(),
+    );
+    authz.wait_ready(&http).await;
+    let url = |path: &str| format!("http://127.0.0.1:{}{path}", authz.http);
+
+    let denied = http.get(url("/anything")).send().await.unwrap();
+    assert_eq!(denied.status(), 403);
+    assert_eq!(denied.text().await.unwrap(), "denied");
+    let maintenance = http.get(url("/maintenance")).send().await.unwrap();
+    assert_eq!(maintenance.status(), 403);
+    assert_eq!(http.get(url("/open")).send().await.unwrap().status(), 200);
+
+    // A body without x-envoy-auth-partial-body: Envoy may have cut it, so it is refused.
+    let unsignalled = http
+        .post(url("/open"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("a=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsignalled.status(), 400);
+    assert!(
+        unsignalled
+            .text()
+            .await
+            .unwrap()
+            .contains("x-envoy-auth-partial-body"),
+    );
+
+    let post = |path: &'static str, content_type: &'static str, body: &'static str| {
+        http.post(url(path))
+            .header("content-type", content_type)
+            .header("x-envoy-auth-partial-body", "false")
+            .body(body)
+            .send()
+    };
+    let json = "application/json";
+    let blocked = post("/ids", json, r#"{"id": 12345678901234567891}"#)
+        .await
+        .unwrap();
+    assert_eq!(blocked.status(), 403);
+    let neighbour = post("/ids", json, r#"{"id": 12345678901234567890}"#)
+        .await
+        .unwrap();
+    assert_eq!(neighbour.status(), 200, "the f64 neighbour is another id");
+
+    let form = "multipart/form-data; boundary=b";
+    let hidden_role = "--b\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhi\r\n--b\r\ncontent-disposition: FORM-DATA; NAME=\"role\"\r\n\r\nadmin\r\n--b--\r\n";
+    assert_eq!(
+        post("/upload", form, hidden_role).await.unwrap().status(),
+        403
+    );
+    let mid_line = "--b\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nx--b\r\nContent-Disposition: form-data; name=\"role\"\r\n\r\nadmin\r\n--b--\r\n";
+    assert_eq!(
+        post("/upload", form, mid_line).await.unwrap().status(),
+        200,
+        "a boundary in the middle of a line is content, as for Go"
+    );
+    let two_dispositions = "--b\r\nContent-Disposition: form-data; name=\"role\"\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nadmin\r\n--b--\r\n";
+    assert_eq!(
+        post("/upload", form, two_dispositions)
+            .await
+            .unwrap()
+            .status(),
+        403,
+        "the first Content-Disposition wins, as for Go"
+    );
+}

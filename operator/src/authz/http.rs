@@ -213,6 +213,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn policies_cannot_set_the_framing_of_the_answer_to_envoy() {
+        let response = into_response(HttpVerdict {
+            allowed: false,
+            status: 403,
+            headers: vec![
+                ("Content-Length".into(), "0".into()),
+                ("transfer-encoding".into(), "chunked".into()),
+                ("connection".into(), "close".into()),
+                ("x-reason".into(), "blocked".into()),
+                ("bad header".into(), "x".into()),
+            ],
+            body: "denied".into(),
+            ..Default::default()
+        });
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        let headers = response.headers();
+        assert!(headers.get(header::CONTENT_LENGTH).is_none());
+        assert!(headers.get(header::TRANSFER_ENCODING).is_none());
+        assert!(headers.get(header::CONNECTION).is_none());
+        assert_eq!(
+            headers.get("x-reason").map(|v| v.as_bytes()),
+            Some(&b"blocked"[..])
+        );
+    }
+
+    #[test]
+    fn bodies_need_the_partial_body_signal_unless_trusted() {
+        let mut headers = HeaderMap::new();
+        assert!(body_completeness_known(&headers, b"", false));
+        assert!(!body_completeness_known(&headers, b"a=1", false));
+        assert!(body_completeness_known(&headers, b"a=1", true));
+        headers.insert(PARTIAL_BODY_HEADER, HeaderValue::from_static("false"));
+        assert!(body_completeness_known(&headers, b"a=1", false));
+    }
+
+    #[test]
     fn the_path_prefix_is_removed_only_on_a_segment_boundary() {
         assert_eq!(
             original_path("/authz/api/items?x=1", "/authz"),

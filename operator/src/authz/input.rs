@@ -1512,6 +1512,122 @@ mod tests {
         assert!(body_of(&[ct], "--XyZ\r\nbroken", b"").is_err());
     }
 
+    fn exact_body_of(headers: &[(&str, &str)], body: &str) -> regorus::Value {
+        let input = policy_input(&body_req(headers, body, b""), &InputOptions::default()).unwrap();
+        input.into_rego()[&regorus::Value::from("parsed_body")].clone()
+    }
+
+    fn number(literal: &str) -> regorus::Value {
+        regorus::Value::from_numeric_string(literal).unwrap()
+    }
+
+    #[test]
+    fn big_integers_in_json_bodies_stay_exact() {
+        const JSON: (&str, &str) = ("content-type", "application/json");
+        let body = exact_body_of(
+            &[JSON],
+            r#"{"id": 12345678901234567891, "list": [1, -98765432109876543210, 0.5, "x"], "small": 7, "e": 1e30}"#,
+        );
+        let id = &body[&regorus::Value::from("id")];
+        assert_eq!(id, &number("12345678901234567891"));
+        // f64 would make its neighbour equal; OPA keeps them apart and so must we.
+        assert_ne!(id, &number("12345678901234567890"));
+        let list = &body[&regorus::Value::from("list")];
+        assert_eq!(list[1], number("-98765432109876543210"));
+        assert_eq!(list[2], regorus::Value::from(0.5));
+        assert_eq!(list[3], regorus::Value::from("x"));
+        assert_eq!(
+            body[&regorus::Value::from("small")],
+            regorus::Value::from(7u64)
+        );
+        assert_eq!(
+            body[&regorus::Value::from("e")],
+            number("1000000000000000000000000000000")
+        );
+        // Bodies whose numbers f64 holds exactly take the plain path.
+        let input = policy_input(
+            &body_req(&[JSON], r#"{"a": 1, "b": [2.5, -3]}"#, b""),
+            &InputOptions::default(),
+        )
+        .unwrap();
+        assert!(input.exact_body().is_none());
+        // Numbers in a multipart JSON part are kept exact too.
+        let ct = ("content-type", "multipart/form-data; boundary=b");
+        let body = exact_body_of(
+            &[ct],
+            "--b\r\nContent-Disposition: form-data; name=\"m\"\r\nContent-Type: application/json\r\n\r\n{\"n\": 18446744073709551616}\r\n--b\r\nContent-Disposition: form-data; name=\"t\"\r\n\r\nplain\r\n--b--\r\n",
+        );
+        assert_eq!(
+            body[&regorus::Value::from("m")][0][&regorus::Value::from("n")],
+            number("18446744073709551616")
+        );
+        assert_eq!(
+            body[&regorus::Value::from("t")][0],
+            regorus::Value::from("plain")
+        );
+    }
+
+    #[test]
+    fn number_literals_are_found_outside_strings_only() {
+        assert_eq!(
+            number_tokens(r#"{"a-1": "2e5 \" 3", "b": [-1.5e+3, 0, true, null]}"#),
+            vec!["-1.5e+3", "0"]
+        );
+    }
+
+    #[test]
+    fn content_types_are_matched_in_opa_envoys_order() {
+        let multipart = "--b\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--b--\r\n";
+        // OPA-Envoy checks gRPC before forms: without descriptors it parses nothing.
+        let (p, _) = body_of(
+            &[(
+                "content-type",
+                "application/grpc; x=multipart/form-data; boundary=b",
+            )],
+            multipart,
+            b"",
+        )
+        .unwrap();
+        assert_eq!(p, Value::Null);
+        // JSON wins over everything else named in the same header.
+        assert!(matches!(
+            body_of(
+                &[(
+                    "content-type",
+                    "application/json; x=multipart/form-data; boundary=b"
+                )],
+                multipart,
+                b""
+            ),
+            Err(InputError::InvalidJsonBody(_))
+        ));
+        // Go's ParseMediaType errors deny the request; a missing boundary parses nothing.
+        assert!(matches!(
+            body_of(
+                &[(
+                    "content-type",
+                    "multipart/form-data; boundary=b; boundary=c"
+                )],
+                multipart,
+                b""
+            ),
+            Err(InputError::InvalidContentType(_))
+        ));
+    }
+
+    #[test]
+    fn invalid_utf8_becomes_one_replacement_per_byte_as_in_go() {
+        assert_eq!(go_lossy(b"a\xf0\x9f\x98b"), "a\u{fffd}\u{fffd}\u{fffd}b");
+        assert_eq!(go_lossy("é".as_bytes()), "é");
+        let (p, _) = body_of(
+            &[("content-type", "application/json")],
+            "",
+            b"{\"k\": \"\xff\xfe\"}",
+        )
+        .unwrap();
+        assert_eq!(p, json!({"k": "\u{fffd}\u{fffd}"}));
+    }
+
     #[test]
     fn skip_request_body_parse_omits_body_fields() {
         let req = body_req(&[("content-type", "application/json")], "{bad", b"");

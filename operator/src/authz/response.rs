@@ -882,6 +882,37 @@ mod tests {
     }
 
     #[test]
+    fn http_denials_are_never_answered_as_allow_or_as_server_error() {
+        for (requested, answered) in [
+            (200, 403),
+            (100, 403),
+            (500, 403),
+            (503, 403),
+            (504, 403),
+            (201, 201),
+            (302, 302),
+            (401, 401),
+            (429, 429),
+        ] {
+            assert_eq!(http_denial_status(requested), answered, "{requested}");
+            let d =
+                decide(json!({"allowed": false, "http_status": requested, "body": "no"})).unwrap();
+            let h = http_verdict(&d, &NO_OPTS);
+            assert_eq!(
+                (h.allowed, h.status, h.body.as_str()),
+                (false, answered, "no")
+            );
+            // gRPC mode keeps the policy's status: the gRPC code carries the denial.
+            let r = check_response(&d, &NO_OPTS);
+            assert_eq!(code(&r), GRPC_PERMISSION_DENIED);
+            assert_eq!(
+                denied(&r).status.as_ref().map(|s| s.code),
+                Some(i32::from(requested))
+            );
+        }
+    }
+
+    #[test]
     fn http_verdict_table() {
         let cases = [
             (json!(true), true, 200, vec![], ""),
