@@ -47,6 +47,14 @@ impl Kubectl {
         })
     }
 
+    /// Uses an existing kubeconfig file, with `dir/cache` for discovery.
+    pub fn with_kubeconfig(dir: &Path, kubeconfig: &Path) -> Kubectl {
+        Kubectl {
+            dir: dir.to_owned(),
+            kubeconfig: kubeconfig.to_owned(),
+        }
+    }
+
     pub fn kubeconfig_path(&self) -> &Path {
         &self.kubeconfig
     }
@@ -175,8 +183,17 @@ impl Drop for LineStream {
 }
 
 /// The kubectl to test with: `$KUBECTL` or the one on `PATH`.
+/// `$KUBECTL`, else the kubectl built with the control plane (same release as the API server), else
+/// `kubectl` on PATH.
 pub fn kubectl_binary() -> String {
-    std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".to_owned())
+    if let Ok(kubectl) = std::env::var("KUBECTL") {
+        return kubectl;
+    }
+    sluice_testcluster::Tools::locate()
+        .ok()
+        .map(|tools| tools.kubectl)
+        .filter(|path| path.is_file())
+        .map_or_else(|| "kubectl".to_owned(), |path| path.display().to_string())
 }
 
 /// Polls `check` every 50ms until it returns `Some`, for at most `timeout`.
@@ -283,51 +300,102 @@ impl Drop for OperatorProcess {
     }
 }
 
-/// A running sandbox with CRDs installed, a kube client and a kubeconfig file for it (in `dir`).
+/// A real local control plane (see `testcluster/`) with Sluice installed by `kubectl apply -k config/base`
+/// and the published mesh CRDs applied, an admin client, and a kubeconfig for the operator's own
+/// ServiceAccount, so the operator under test has exactly the RBAC of `config/base`.
 pub struct Cluster {
-    pub sandbox: crate::Sandbox,
+    pub control_plane: sluice_testcluster::Cluster,
+    /// Admin (system:masters) client, for the test's own reads and writes.
     pub client: kube::Client,
     pub dir: tempfile::TempDir,
+    /// Admin kubeconfig.
     pub kubeconfig: PathBuf,
+    /// Kubeconfig of `system:serviceaccount:sluice-system:sluice`.
+    pub operator_kubeconfig: PathBuf,
+    pub kubectl: Kubectl,
 }
 
-/// The stand-in mesh CRDs of `e2e/fixtures/mesh-crds.yaml` (Istio, Gateway API).
-pub fn mesh_crds() -> Result<
-    Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>,
-    Box<dyn std::error::Error + Send + Sync>,
->{
-    let fixture = std::fs::read_to_string(repo_root().join("e2e/fixtures/mesh-crds.yaml"))?;
-    Ok(serde_saphyr::from_multiple(&fixture)?)
-}
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Starts a sandbox on a free loopback port whose workloads become ready after `ready_delay`, and
-/// installs `crds` in it.
-pub async fn start_cluster(
-    ready_delay: Duration,
-    crds: Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>,
-) -> Result<Cluster, Box<dyn std::error::Error + Send + Sync>> {
-    let config = crate::SandboxConfig {
-        ready_delay,
-        ..crate::SandboxConfig::default()
-    };
-    let sandbox =
-        crate::Sandbox::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), config).await?;
-    let dir = tempfile::tempdir()?;
-    let kubeconfig = dir.path().join("kubeconfig");
-    sandbox.write_kubeconfig(&kubeconfig)?;
-    let parsed: kube::config::Kubeconfig = serde_saphyr::from_str(&sandbox.kubeconfig())?;
-    let client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(parsed, &Default::default()).await?,
-    )?;
-    let api: kube::Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
-        kube::Api::all(client.clone());
-    for crd in crds {
-        api.create(&Default::default(), &crd).await?;
+/// The pinned control-plane binaries; an error that says how to build them when they are missing.
+pub fn control_plane_tools() -> Result<sluice_testcluster::Tools, BoxError> {
+    let tools = sluice_testcluster::Tools::locate()?;
+    let missing = tools.missing();
+    if !missing.is_empty() {
+        return Err(format!(
+            "the local control plane is not built ({} missing): run `cargo xtask cluster build` (or `cargo xtask test`)",
+            missing[0].display()
+        )
+        .into());
     }
+    Ok(tools)
+}
+
+/// Hand-written CRDs for the meshes that publish none Sluice can install here (SMI, Consul).
+const UNPUBLISHED_MESH_CRDS: &str = "e2e/fixtures/mesh-crds-unpublished.yaml";
+
+/// Starts a control plane on free loopback ports (its own etcd, API server, controllers and kwok
+/// node), installs Sluice and the mesh CRDs, and waits until every CRD is established.
+pub async fn start_cluster() -> Result<Cluster, BoxError> {
+    let tools = control_plane_tools()?;
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = dir.path().join("admin.kubeconfig");
+    let mut options = sluice_testcluster::ClusterOptions::new(tools);
+    options.state_dir = Some(dir.path().join("cluster"));
+    options.kubeconfig = Some(kubeconfig.clone());
+    let control_plane = sluice_testcluster::Cluster::start(options).await?;
+    let kubectl = Kubectl::with_kubeconfig(dir.path(), &kubeconfig);
+    install(&kubectl)?;
+    let operator_kubeconfig = dir.path().join("operator.kubeconfig");
+    control_plane
+        .write_service_account_kubeconfig(
+            "sluice-system",
+            "sluice",
+            &operator_kubeconfig,
+            Duration::from_secs(4 * 3600),
+        )
+        .await?;
     Ok(Cluster {
-        sandbox,
-        client,
+        client: control_plane.client(),
+        control_plane,
         dir,
         kubeconfig,
+        operator_kubeconfig,
+        kubectl,
     })
+}
+
+/// `kubectl apply -k config/base`, then the mesh CRDs; waits until all are established.
+pub fn install(kubectl: &Kubectl) -> Result<(), BoxError> {
+    let checked = |what: &str, out: KubectlOutput| -> Result<(), BoxError> {
+        if out.success {
+            Ok(())
+        } else {
+            Err(format!("{what} failed:\n{}{}", out.stdout, out.stderr).into())
+        }
+    };
+    checked(
+        "kubectl apply -k config/base",
+        kubectl.run(&["apply", "-k", "config/base"]),
+    )?;
+    let mut files: Vec<String> = sluice_testcluster::mesh_crd_files()?
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    files.push(repo_root().join(UNPUBLISHED_MESH_CRDS).display().to_string());
+    let mut args = vec!["apply", "--server-side"];
+    for file in &files {
+        args.extend(["-f", file.as_str()]);
+    }
+    checked("applying the mesh CRDs", kubectl.run(&args))?;
+    checked(
+        "waiting for the CRDs",
+        kubectl.run(&[
+            "wait",
+            "--for=condition=Established",
+            "crd",
+            "--all",
+            "--timeout=60s",
+        ]),
+    )
 }

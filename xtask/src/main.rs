@@ -1,10 +1,16 @@
 //! Project commands behind the README's two commands:
 //!   cargo xtask test   installs what the tests need, then runs fmt, clippy and every test
 //!   cargo xtask demo   starts the Kubernetes-API sandbox, applies the CRDs and samples, and shows them
+//! and the local control plane (see testcluster/):
+//!   cargo xtask cluster up [--kubeconfig PATH] | down | status
+
+mod cluster;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
+
+use clap::{Parser, Subcommand};
 
 /// Debian packages the end-to-end tests run for real.
 const PACKAGES: &[(&str, &str)] = &[
@@ -12,15 +18,37 @@ const PACKAGES: &[(&str, &str)] = &[
     ("prometheus-alertmanager", "prometheus-alertmanager"),
 ];
 
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Sluice's project commands"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the tests need, then run fmt, clippy and every test.
+    Test,
+    /// Run the demo: everything Sluice does, end to end.
+    Demo,
+    /// A real local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager,
+    /// kube-scheduler, kwok), built from the Go module proxy on first use.
+    Cluster {
+        #[command(subcommand)]
+        command: cluster::ClusterCommand,
+    },
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("test") => test(),
-        Some("demo") => demo(),
-        _ => {
-            eprintln!("usage: cargo xtask test | cargo xtask demo");
-            return ExitCode::from(2);
-        }
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Test => test(),
+        Task::Demo => demo(),
+        Task::Cluster { command } => cluster::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

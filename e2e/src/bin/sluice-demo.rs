@@ -1,4 +1,5 @@
-//! `cargo xtask demo`: Sluice end to end in about a minute on one machine. A sandbox Kubernetes API, a real
+//! `cargo xtask demo`: Sluice end to end in about a minute on one machine. A real local Kubernetes control
+//! plane (etcd, kube-apiserver, controllers, kwok nodes; see testcluster/), a real
 //! Prometheus scraping a simulated mesh, a real Alertmanager, the operator and `sluice authz` play a healthy
 //! canary, a bad canary that is rolled back and alerted on, and an authorization policy that allows one
 //! request and denies another. Ends with a summary and cleans up after itself.
@@ -13,7 +14,7 @@ use serde_json::{Value, json};
 use sluice::api::{AuthorizationPolicy, Rollout, RolloutPhase};
 use sluice_e2e::alertmanager::AlertmanagerServer;
 use sluice_e2e::harness::{
-    Cluster, OperatorProcess, mesh_crds, repo_root, sluice_binary, start_cluster,
+    Cluster, OperatorProcess, repo_root, sluice_binary, start_cluster,
 };
 use sluice_e2e::prometheus::{FakeMesh, PrometheusServer, WorkloadTraffic, free_port};
 
@@ -24,7 +25,7 @@ fn step(title: &str) {
     println!("\n==> {title}");
 }
 
-/// Server-side applies any object (the sandbox resolves its kind through discovery).
+/// Server-side applies any object (its kind resolved through discovery).
 async fn apply(client: &Client, object: Value) -> Result<(), Failure> {
     let kind = object["kind"].as_str().unwrap_or_default().to_owned();
     let api_version = object["apiVersion"].as_str().unwrap_or_default().to_owned();
@@ -120,17 +121,16 @@ async fn main() -> std::process::ExitCode {
 async fn demo() -> Result<(), Failure> {
     let started = Instant::now();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    step("starting the sandbox Kubernetes API, a simulated mesh, Prometheus and Alertmanager");
-    let crds = sluice::api::crds()
-        .into_iter()
-        .chain(mesh_crds()?)
-        .collect();
+    step(
+        "starting a local Kubernetes control plane (kubectl apply -k config/base), a simulated mesh, Prometheus and Alertmanager",
+    );
     let Cluster {
-        sandbox,
+        control_plane,
         client,
         dir,
-        kubeconfig,
-    } = start_cluster(Duration::from_millis(300), crds).await?;
+        operator_kubeconfig,
+        ..
+    } = start_cluster().await?;
     let mesh = FakeMesh::start().await?;
     for workload in ["podinfo", "podinfo-primary"] {
         mesh.set(workload, NS, WorkloadTraffic::healthy(50.0));
@@ -166,7 +166,7 @@ async fn demo() -> Result<(), Failure> {
                 "alerts": [{"name": "on-call", "severity": "error", "providerRef": {"name": "alertmanager"}}]}}}))
     .await?;
     let operator = OperatorProcess::start(
-        &kubeconfig,
+        &operator_kubeconfig,
         &prometheus.url(),
         &dir.path().join("operator.log"),
     )?;
@@ -333,7 +333,7 @@ async fn demo() -> Result<(), Failure> {
     println!("total: {:.1}s", started.elapsed().as_secs_f64());
 
     drop(operator);
-    sandbox.stop().await;
+    control_plane.stop();
     drop((mesh, prometheus, alertmanager, dir));
     Ok(())
 }
