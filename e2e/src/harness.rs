@@ -382,7 +382,12 @@ pub fn install(kubectl: &Kubectl) -> Result<(), BoxError> {
         .iter()
         .map(|p| p.display().to_string())
         .collect();
-    files.push(repo_root().join(UNPUBLISHED_MESH_CRDS).display().to_string());
+    files.push(
+        repo_root()
+            .join(UNPUBLISHED_MESH_CRDS)
+            .display()
+            .to_string(),
+    );
     let mut args = vec!["apply", "--server-side"];
     for file in &files {
         args.extend(["-f", file.as_str()]);
@@ -398,4 +403,50 @@ pub fn install(kubectl: &Kubectl) -> Result<(), BoxError> {
             "--timeout=60s",
         ]),
     )
+}
+
+/// A kube-rs client for a kubeconfig file, e.g. `Cluster::operator_kubeconfig` to act as the operator's
+/// ServiceAccount (exactly the RBAC of `config/base`).
+pub async fn client_for(kubeconfig: &Path) -> Result<kube::Client, BoxError> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Runs `kubectl sluice ARGS` through the real kubectl, which finds this workspace's `kubectl-sluice`
+/// plugin on PATH; the plugin reads `kubeconfig` from `$KUBECONFIG` (kubectl does not pass its flags on).
+pub fn kubectl_sluice(kubeconfig: &Path, args: &[&str]) -> KubectlOutput {
+    let bin_dir = match sluice_binary() {
+        Ok(binary) => binary.parent().map(Path::to_owned).unwrap_or_default(),
+        Err(err) => {
+            return KubectlOutput {
+                success: false,
+                stdout: String::new(),
+                stderr: format!("cannot build the sluice binaries: {err}"),
+            };
+        }
+    };
+    let path = std::env::join_paths(std::iter::once(bin_dir).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )));
+    let mut cmd = Command::new(kubectl_binary());
+    cmd.arg("sluice")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .current_dir(repo_root());
+    if let Ok(path) = path {
+        cmd.env("PATH", path);
+    }
+    match cmd.output() {
+        Ok(output) => KubectlOutput::from_output(output),
+        Err(err) => KubectlOutput {
+            success: false,
+            stdout: String::new(),
+            stderr: format!("could not run {}: {err}", kubectl_binary()),
+        },
+    }
 }

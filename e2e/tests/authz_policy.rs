@@ -1,6 +1,8 @@
-//! End-to-end AuthorizationPolicy flow: the real `sluice operator` against the sandbox compiles and tests
-//! the Rego, serves the bundle over OPA's bundle protocol, wakes long-polling clients on a new revision,
-//! and keeps the last good revision when a module breaks.
+//! End-to-end AuthorizationPolicy flow: the real `sluice operator`, holding only the RBAC of `config/base`,
+//! against a real local control plane (see `testcluster/`) compiles and tests the Rego, serves the bundle
+//! over OPA's bundle protocol, wakes long-polling clients on a new revision, keeps the last good revision
+//! when a module breaks, wires the policy into Istio (the published security.istio.io CRD), and lets the
+//! garbage collector remove what it owns when the policy is deleted.
 
 use std::time::{Duration, Instant};
 
@@ -9,8 +11,7 @@ use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use sluice::api::AuthorizationPolicy;
-use sluice_e2e::Sandbox;
-use sluice_e2e::harness::{Cluster, OperatorProcess, mesh_crds, sluice_binary, start_cluster};
+use sluice_e2e::harness::{Cluster, OperatorProcess, sluice_binary, start_cluster};
 
 const NS: &str = "default";
 
@@ -54,41 +55,27 @@ fn policy(module: &str) -> Value {
 struct Env {
     client: Client,
     operator: OperatorProcess,
-    kubeconfig: std::path::PathBuf,
     http: reqwest::Client,
-    dir: tempfile::TempDir,
-    _sandbox: Sandbox,
+    cluster: Cluster,
 }
 
 async fn start() -> Env {
-    let Cluster {
-        sandbox,
-        client,
-        dir,
-        kubeconfig,
-    } = start_cluster(
-        Duration::from_millis(100),
-        sluice::api::crds()
-            .into_iter()
-            .chain(mesh_crds().expect("mesh CRDs"))
-            .collect(),
-    )
-    .await
-    .expect("sandbox with CRDs");
+    let cluster = start_cluster()
+        .await
+        .expect("control plane with Sluice installed");
+    // The operator runs as its ServiceAccount: a verb missing from config/base fails the test.
     let operator = OperatorProcess::start(
-        &kubeconfig,
+        &cluster.operator_kubeconfig,
         "http://127.0.0.1:9",
-        &dir.path().join("operator.log"),
+        &cluster.dir.path().join("operator.log"),
     )
     .expect("operator starts");
     let _ = rustls::crypto::ring::default_provider().install_default();
     Env {
-        client,
+        client: cluster.client.clone(),
         operator,
-        kubeconfig,
         http: reqwest::Client::new(),
-        dir,
-        _sandbox: sandbox,
+        cluster,
     }
 }
 
@@ -274,6 +261,18 @@ async fn policy_is_compiled_tested_served_long_polled_and_kept_when_broken() {
         condition(&first, "MeshConfigured")
     );
 
+    // A settled policy is not rewritten: what the API server stores reads back equal to the status the
+    // controller computes, so the status write (which triggers a reconcile) does not repeat forever. The
+    // Deployment controller keeps updating the selected workloads meanwhile, each update a reconcile.
+    let settled = first.metadata.resource_version.clone();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let later = env.policy().await;
+    assert_eq!(
+        later.metadata.resource_version, settled,
+        "the status keeps being rewritten: {:#?}",
+        later.status
+    );
+
     // 2. The bundle is served with its revision as ETag, and a real evaluation of it behaves.
     let response = env
         .http
@@ -438,9 +437,9 @@ async fn policy_is_compiled_tested_served_long_polled_and_kept_when_broken() {
     // 6. A restarted operator serves the last good revision from the ConfigMap, though the spec is broken.
     env.operator.kill();
     env.operator = OperatorProcess::start(
-        &env.kubeconfig,
+        &env.cluster.operator_kubeconfig,
         "http://127.0.0.1:9",
-        &env.dir.path().join("operator-2.log"),
+        &env.cluster.dir.path().join("operator-2.log"),
     )
     .expect("operator restarts");
     let started = Instant::now();
@@ -486,5 +485,31 @@ async fn policy_is_compiled_tested_served_long_polled_and_kept_when_broken() {
             "bundle still served after delete"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The garbage collector removes what the policy owned: its ownerReferences are valid on a real cluster.
+    let started = Instant::now();
+    loop {
+        let configmap = configmaps.get_opt("shop-authz-bundle").await.expect("get");
+        let wired = istio.get_opt("shop-authz-ext-authz").await.expect("get");
+        if configmap.is_none() && wired.is_none() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "owned objects survived their policy: ConfigMap {}, Istio policy {}",
+            configmap.is_some(),
+            wired.is_some()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Nothing the operator did was refused for lack of permission.
+    for log in ["operator.log", "operator-2.log"] {
+        let text = std::fs::read_to_string(env.cluster.dir.path().join(log)).unwrap_or_default();
+        assert!(
+            !text.contains("forbidden"),
+            "the operator lacks RBAC ({log}):\n{text}"
+        );
     }
 }

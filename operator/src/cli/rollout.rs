@@ -287,8 +287,13 @@ async fn get(
     let mut last = String::new();
     loop {
         let rollout = get_rollout(api, name, namespace).await?;
+        // The Rollout's own events only: its target Deployment usually has the same name, and the
+        // Deployment controller's events (ScalingReplicaSet, …) regard it.
         let recent = events
-            .list(&ListParams::default().fields(&format!("regarding.name={name}")))
+            .list(
+                &ListParams::default()
+                    .fields(&format!("regarding.kind=Rollout,regarding.name={name}")),
+            )
             .await
             .map(|l| l.items)
             .unwrap_or_default();
