@@ -48,6 +48,9 @@ pub struct ClusterOptions {
     /// If set, the [`ClusterState`] is saved there after each process starts, so that a start that is
     /// interrupted (Ctrl-C) can still be cleaned up with [`ClusterState::stop`].
     pub state_file: Option<PathBuf>,
+    /// Stop every component when the thread that started the cluster ends (Linux `PR_SET_PDEATHSIG`), so a
+    /// test process that is killed leaves nothing behind. Off for `cargo xtask cluster up`, which detaches.
+    pub stop_with_parent: bool,
 }
 
 impl ClusterOptions {
@@ -59,6 +62,7 @@ impl ClusterOptions {
             nodes: 1,
             ready_timeout: Duration::from_secs(120),
             state_file: None,
+            stop_with_parent: true,
         }
     }
 }
@@ -239,6 +243,7 @@ pub struct Cluster {
     started: Instant,
     timings: Vec<(String, Duration)>,
     state_file: Option<PathBuf>,
+    stop_with_parent: bool,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -348,6 +353,7 @@ impl Cluster {
             started: Instant::now(),
             timings: Vec::new(),
             state_file: opts.state_file.clone(),
+            stop_with_parent: opts.stop_with_parent,
         };
         let deadline = Instant::now() + opts.ready_timeout;
         let p = |path: &Path| path.display().to_string();
@@ -526,7 +532,7 @@ impl Cluster {
 
     fn spawn(&mut self, name: &str, binary: &Path, args: Vec<String>) -> Result<(), Error> {
         let log = self.state.dir.join("logs").join(format!("{name}.log"));
-        let process = Process::spawn(name, binary, &args, &log)?;
+        let process = Process::spawn(name, binary, &args, &log, self.stop_with_parent)?;
         self.state.processes.push(process.record.clone());
         self.processes.push(process);
         match &self.state_file {

@@ -33,9 +33,8 @@ const PUBLISHED: &[Published] = &[
 pub fn mesh_crd_files() -> Result<Vec<PathBuf>, Error> {
     let mut files = Vec::new();
     for published in PUBLISHED {
-        let version = lookup(VERSIONS_ENV, published.version_key).ok_or_else(|| {
-            Error::Versions(format!("{} is not set", published.version_key))
-        })?;
+        let version = lookup(VERSIONS_ENV, published.version_key)
+            .ok_or_else(|| Error::Versions(format!("{} is not set", published.version_key)))?;
         let dir = module_dir(published.module, &version)?;
         for path in published.paths {
             let path = dir.join(path);

@@ -30,23 +30,43 @@ pub struct Process {
 
 impl Process {
     /// Starts `binary args…` in a new process group, stdin from /dev/null, stdout and stderr appended to `log`.
-    pub fn spawn(name: &str, binary: &Path, args: &[String], log: &Path) -> Result<Self, Error> {
+    /// With `stop_with_parent`, the kernel kills it when the calling thread ends.
+    pub fn spawn(
+        name: &str,
+        binary: &Path,
+        args: &[String],
+        log: &Path,
+        stop_with_parent: bool,
+    ) -> Result<Self, Error> {
         let out = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .map_err(|e| Error::io(log, e))?;
         let err = out.try_clone().map_err(|e| Error::io(log, e))?;
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .args(args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
-            .process_group(0)
-            .spawn()
-            .map_err(|e| {
-                Error::Start(format!("cannot start {name} ({}): {e}", binary.display()))
-            })?;
+            .process_group(0);
+        if stop_with_parent {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: the closure runs between fork and exec and only makes one prctl system call,
+            // which is async-signal-safe.
+            unsafe {
+                command.pre_exec(|| {
+                    rustix::process::set_parent_process_death_signal(Some(
+                        rustix::process::Signal::KILL,
+                    ))
+                    .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let child = command.spawn().map_err(|e| {
+            Error::Start(format!("cannot start {name} ({}): {e}", binary.display()))
+        })?;
         let pid = i32::try_from(child.id())
             .map_err(|_| Error::Start(format!("{name}: pid out of range")))?;
         Ok(Process {

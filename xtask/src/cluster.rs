@@ -11,6 +11,8 @@ use sluice_testcluster::{Cluster, ClusterOptions, ClusterState, Tools};
 
 #[derive(Subcommand)]
 pub enum ClusterCommand {
+    /// Build the pinned control-plane binaries (and fetch the mesh CRDs) if they are not cached yet.
+    Build,
     /// Build the binaries if needed, start the control plane in the background and print the kubeconfig
     /// path once the API server, the controllers and the fake Nodes are ready.
     Up {
@@ -59,6 +61,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 
 pub fn run(command: ClusterCommand) -> Result<(), String> {
     match command {
+        ClusterCommand::Build => build().map(|_| ()),
         ClusterCommand::Up { kubeconfig, nodes } => up(kubeconfig, nodes),
         ClusterCommand::Down => down(),
         ClusterCommand::Status => status(),
@@ -83,6 +86,23 @@ pub fn run(command: ClusterCommand) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// The pinned binaries, built on first use (about 15 minutes on 2 cores; then cached by version under
+/// `~/.cache/sluice/tools`), and the mesh CRD modules in the Go module cache.
+pub fn build() -> Result<Tools, String> {
+    let started = Instant::now();
+    let tools = Tools::ensure(&|line| println!("{line}")).map_err(|e| e.to_string())?;
+    let crds = sluice_testcluster::mesh_crd_files().map_err(|e| e.to_string())?;
+    println!(
+        "control plane: Kubernetes {}, etcd {}, kwok {} and {} mesh CRD files ready in {:.0?}",
+        tools.versions.kubernetes,
+        tools.versions.etcd,
+        tools.versions.kwok,
+        crds.len(),
+        started.elapsed()
+    );
+    Ok(tools)
 }
 
 fn all_running(state: &ClusterState) -> bool {
@@ -127,6 +147,7 @@ fn up(kubeconfig: Option<PathBuf>, nodes: usize) -> Result<(), String> {
     opts.kubeconfig = kubeconfig;
     opts.nodes = nodes;
     opts.state_file = Some(state_file());
+    opts.stop_with_parent = false;
     let boot = Instant::now();
     let cluster = match runtime()?.block_on(Cluster::start(opts)) {
         Ok(cluster) => cluster,

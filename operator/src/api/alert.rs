@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::api::kubernetes_integer_formats)]
 #[x_kube(validation = Rule::new("has(self.address) || has(self.secretRef)").message("set address, or secretRef to a Secret holding it"))]
 pub struct AlertProviderSpec {
     /// The kind of sink.

@@ -41,6 +41,7 @@ pub const DEFAULT_QUERY: &str = "data.envoy.authz.allow";
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::api::kubernetes_integer_formats)]
 pub struct AuthorizationPolicySpec {
     /// Labels of the workloads (pods) that receive the bundle.
     pub selector: LabelSelector,
@@ -128,6 +129,7 @@ pub enum PolicyMode {
 /// Observed state of an AuthorizationPolicy.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::api::kubernetes_integer_formats)]
 pub struct AuthorizationPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

@@ -72,8 +72,38 @@ impl JsonSchema for Weight {
     }
 }
 
+/// Rewrites schemars' unsigned integer formats into ones the Kubernetes API server knows.
+///
+/// schemars describes `u8`/`u16`/`u32`/`u64` as `format: uint8` ... `uint64`, which the API server does not
+/// recognize (`kubectl apply` prints `Warning: unrecognized format "uint32"` and the format is ignored). This
+/// turns each into `int32` (`u8`, `u16`) or `int64` (`u32`, `u64`) and keeps the type's range as
+/// `minimum`/`maximum` (a bound the field already declares stays), so the API server still refuses a value the
+/// Rust type could not hold. Applied with `#[schemars(transform = crate::api::kubernetes_integer_formats)]` on
+/// each resource's spec and status; kube generates CRD schemas with every subschema inlined, so one transform at
+/// the top reaches every field.
+pub fn kubernetes_integer_formats(schema: &mut Schema) {
+    schemars::transform::transform_subschemas(&mut kubernetes_integer_formats, schema);
+    let Some(object) = schema.as_object_mut() else {
+        return;
+    };
+    let (format, max) = match object.get("format").and_then(serde_json::Value::as_str) {
+        Some("uint8") => ("int32", u64::from(u8::MAX)),
+        Some("uint16") => ("int32", u64::from(u16::MAX)),
+        Some("uint32") => ("int64", u64::from(u32::MAX)),
+        Some("uint64" | "uint") => ("int64", i64::MAX.unsigned_abs()),
+        _ => return,
+    };
+    object.insert("format".into(), format.into());
+    object.entry("minimum").or_insert_with(|| 0.into());
+    object.entry("maximum").or_insert_with(|| max.into());
+}
+
 /// Pattern of a Go-style duration as Kubernetes and Flagger users write it: `30s`, `1m`, `1m30s`, `500ms`.
 pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$";
+
+/// Longest duration string accepted (`1h30m` is 5 characters). The bound keeps the cost the API server estimates
+/// for the `duration(...)` CEL rules small.
+pub const DURATION_MAX_LENGTH: u64 = 64;
 
 /// A duration written the way Flagger and Kubernetes users write it (`1m`, `30s`, `1h30m`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -99,6 +129,7 @@ impl JsonSchema for DurationString {
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
         json_schema!({
             "type": "string",
+            "maxLength": DURATION_MAX_LENGTH,
             "pattern": DURATION_PATTERN,
             "description": "A duration such as 30s, 1m or 1m30s."
         })

@@ -153,6 +153,18 @@ mod tests {
                 json!({"interval": "1m", "metrics": [{"name": "request-duration", "thresholdRange": {"min": 5, "max": 1}}]}),
                 "must not exceed",
             ),
+            (
+                json!({"interval": "1m", "iterations": 2, "match": [{"cookie": {"name": "canary", "value": "on"}, "headers": {"CooKie": {"exact": "x"}}}]}),
+                "use either cookie or a headers.cookie condition",
+            ),
+            (
+                json!({"interval": "1m", "iterations": 2, "match": [{"headers": {"x".repeat(257): {"exact": "x"}}}]}),
+                "header name must be 1 to 256 characters",
+            ),
+            (
+                json!({"interval": "1m", "iterations": 2, "match": [{"headers": {"": {"exact": "x"}}}]}),
+                "header name must be 1 to 256 characters",
+            ),
         ];
         for (analysis, expected) in cases {
             let failures = cel_failures(&rollout_with_analysis(analysis.clone()));
@@ -161,6 +173,189 @@ mod tests {
                 "{analysis} should fail with {expected:?}, got {failures:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_ab_match_at_the_size_limits_passes_every_rule() {
+        let headers: serde_json::Map<String, Value> = (0..16)
+            .map(|i| (format!("{i:x<256}"), json!({"regex": "a".repeat(1024)})))
+            .collect();
+        let object = rollout_with_analysis(json!({
+            "interval": "1m", "iterations": 3,
+            "match": [{"headers": headers}, {"cookie": {"name": "canary", "value": "always"}, "headers": {"x-cookie": {"exact": "1"}}}]
+        }));
+        assert_eq!(cel_failures(&object), Vec::<String>::new());
+    }
+
+    /// The formats `GetUnrecognizedFormats` of the API server (k8s.io/apiextensions-apiserver, v1.37) accepts
+    /// without a warning.
+    fn format_is_known(type_: Option<&str>, format: &str) -> bool {
+        const STRING_FORMATS: &[&str] = &[
+            "bsonobjectid",
+            "uri",
+            "email",
+            "hostname",
+            "ipv4",
+            "ipv6",
+            "cidr",
+            "mac",
+            "uuid",
+            "uuid3",
+            "uuid4",
+            "uuid5",
+            "isbn",
+            "isbn10",
+            "isbn13",
+            "creditcard",
+            "ssn",
+            "hexcolor",
+            "rgbcolor",
+            "byte",
+            "password",
+            "date",
+            "duration",
+            "datetime",
+            "k8s-short-name",
+            "k8s-long-name",
+        ];
+        match type_ {
+            None | Some("string") => {
+                STRING_FORMATS.contains(&format.replace('-', "").as_str())
+                    || STRING_FORMATS.contains(&format)
+            }
+            Some("integer") => matches!(format, "int32" | "int64"),
+            Some("number") => matches!(format, "float" | "double"),
+            Some(_) => false,
+        }
+    }
+
+    /// Calls `visit` with each node's path, the node and the nodes it sits in (outermost first).
+    fn walk<'a>(
+        schema: &'a Value,
+        path: String,
+        ancestors: &mut Vec<&'a Value>,
+        visit: &mut dyn FnMut(&str, &'a Value, &[&'a Value]),
+    ) {
+        visit(&path, schema, ancestors);
+        ancestors.push(schema);
+        if let Some(properties) = schema.get("properties").and_then(Value::as_object) {
+            for (name, child) in properties {
+                walk(child, format!("{path}.{name}"), ancestors, visit);
+            }
+        }
+        if let Some(items) = schema.get("items") {
+            walk(items, format!("{path}[]"), ancestors, visit);
+        }
+        if let Some(values) = schema.get("additionalProperties").filter(|v| v.is_object()) {
+            walk(values, format!("{path}{{}}"), ancestors, visit);
+        }
+        ancestors.pop();
+    }
+
+    fn crd_schema(crd: &CustomResourceDefinition) -> Value {
+        serde_json::to_value(
+            crd.spec.versions[0]
+                .schema
+                .as_ref()
+                .and_then(|s| s.open_api_v3_schema.as_ref()),
+        )
+        .expect("schema serializes")
+    }
+
+    #[test]
+    fn every_format_is_one_the_api_server_knows() {
+        // schemars writes `format: uint32` for u32, which the API server warns about (`unrecognized format`).
+        for crd in crds() {
+            let mut unknown = Vec::new();
+            walk(
+                &crd_schema(&crd),
+                String::new(),
+                &mut Vec::new(),
+                &mut |path, node, _| {
+                    if let Some(format) = node.get("format").and_then(Value::as_str)
+                        && !format_is_known(node.get("type").and_then(Value::as_str), format)
+                    {
+                        unknown.push(format!("{path}: {format}"));
+                    }
+                },
+            );
+            assert_eq!(unknown, Vec::<String>::new(), "{:?}", crd.metadata.name);
+        }
+    }
+
+    #[test]
+    fn u32_fields_keep_their_range() {
+        let schema = rollout_schema();
+        let threshold =
+            &schema["properties"]["spec"]["properties"]["analysis"]["properties"]["threshold"];
+        assert_eq!(threshold["format"], "int64");
+        assert_eq!(threshold["minimum"], 1.0);
+        assert_eq!(threshold["maximum"], f64::from(u32::MAX));
+        let port = &schema["properties"]["spec"]["properties"]["service"]["properties"]["port"];
+        assert_eq!(port["format"], "int32");
+        assert_eq!(port["maximum"], 65535.0);
+    }
+
+    /// The API server multiplies each rule's cost by how often its node can occur and by the size of what it
+    /// reads, and estimates an unbounded list, map or string as filling a whole 3 MiB request. The Rollout CRD
+    /// was refused for exceeding the cost budget until every one of these was bounded.
+    #[test]
+    fn rollout_rules_only_read_bounded_collections() {
+        let bounded = |node: &Value| match node.get("type").and_then(Value::as_str) {
+            Some("array") => node.get("maxItems").is_some(),
+            Some("object")
+                if node
+                    .get("additionalProperties")
+                    .is_some_and(Value::is_object) =>
+            {
+                node.get("maxProperties").is_some()
+            }
+            Some("string") => node.get("maxLength").is_some() || node.get("enum").is_some(),
+            _ => true,
+        };
+        let schema = rollout_schema();
+        let mut unbounded = Vec::new();
+        let mut rules_seen = 0;
+        walk(
+            &schema["properties"]["spec"],
+            "spec".into(),
+            &mut Vec::new(),
+            &mut |path, node, ancestors| {
+                let rules: Vec<&str> = node
+                    .get("x-kubernetes-validations")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|r| r["rule"].as_str())
+                    .collect();
+                if rules.is_empty() {
+                    return;
+                }
+                rules_seen += rules.len();
+                // The node itself, and every list or map it sits in.
+                if !bounded(node) {
+                    unbounded.push(path.to_owned());
+                }
+                if ancestors.iter().any(|a| !bounded(a)) {
+                    unbounded.push(format!("a list or map around {path}"));
+                }
+                // Every field the rules read from `self`.
+                if let Some(properties) = node.get("properties").and_then(Value::as_object) {
+                    for (name, child) in properties {
+                        let read = rules.iter().any(|r| {
+                            r.match_indices(&format!("self.{name}")).any(|(at, m)| {
+                                !r[at + m.len()..].starts_with(|c: char| c.is_alphanumeric())
+                            })
+                        });
+                        if read && child.get("type") != Some(&json!("string")) && !bounded(child) {
+                            unbounded.push(format!("{path}.{name}"));
+                        }
+                    }
+                }
+            },
+        );
+        assert!(rules_seen > 20, "only {rules_seen} rules found");
+        assert_eq!(unbounded, Vec::<String>::new());
     }
 
     #[test]

@@ -13,6 +13,29 @@ pub const REQUEST_SUCCESS_RATE: &str = "request-success-rate";
 /// Builtin metric: p99 request duration in milliseconds.
 pub const REQUEST_DURATION: &str = "request-duration";
 
+// Size limits of a Rollout's spec. The API server estimates the worst-case cost of every CEL rule from the
+// schema's `maxItems`/`maxProperties`/`maxLength` and refuses the CRD when a rule could be too expensive, so
+// every list, map and string a rule reads is bounded. Each bound is far above anything a real release needs.
+
+/// Most `analysis.match` entries (A/B conditions, ORed).
+pub const MAX_MATCHES: u32 = 16;
+/// Most headers in one `analysis.match` entry (ANDed).
+pub const MAX_MATCH_HEADERS: u32 = 16;
+/// Longest header name in `analysis.match[].headers` (checked by a CEL rule: a CRD schema cannot bound map keys).
+pub const MAX_HEADER_NAME_LENGTH: u32 = 256;
+/// Longest header value in `exact`, `prefix` or `regex`.
+pub const MAX_HEADER_VALUE_LENGTH: u32 = 1024;
+/// Most `analysis.stepWeights` entries (one per step; weights go up to 100).
+pub const MAX_STEP_WEIGHTS: u32 = 100;
+/// Most `analysis.steps` entries.
+pub const MAX_STEPS: u32 = 100;
+/// Most `analysis.metrics` entries.
+pub const MAX_METRICS: u32 = 32;
+/// Most `analysis.webhooks` entries.
+pub const MAX_WEBHOOKS: u32 = 32;
+/// Longest webhook URL.
+pub const MAX_URL_LENGTH: u32 = 2048;
+
 /// A progressive release of `targetRef`: each pod-template change is started beside the current version,
 /// shifted traffic step by step, judged from metrics, then promoted or rolled back.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -46,6 +69,7 @@ pub const REQUEST_DURATION: &str = "request-duration";
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::api::kubernetes_integer_formats)]
 pub struct RolloutSpec {
     /// The workload being released. It runs the canary and is scaled to 0 between releases.
     pub target_ref: TargetRef,
@@ -78,6 +102,7 @@ fn default_progress_deadline() -> u32 {
 pub struct TargetRef {
     /// API version of the target.
     #[serde(default = "default_apps_v1")]
+    #[schemars(length(max = 64))]
     #[x_kube(validation = Rule::new("self == 'apps/v1'").message("targetRef.apiVersion must be apps/v1"))]
     pub api_version: String,
     /// Kind of the target.
@@ -187,14 +212,14 @@ pub struct Analysis {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1").message("stepWeight must be at least 1"))]
     pub step_weight: Option<Weight>,
-    /// Explicit canary weights, one per step, in increasing order.
+    /// Explicit canary weights, one per step, in increasing order (at most 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = MAX_STEP_WEIGHTS))]
     #[x_kube(validation = Rule::new("self.isSorted()").message("stepWeights must be in increasing order"))]
     pub step_weights: Option<Vec<Weight>>,
-    /// Explicit steps (Argo Rollouts style) instead of stepWeight / stepWeights.
+    /// Explicit steps (Argo Rollouts style) instead of stepWeight / stepWeights (at most 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = MAX_STEPS))]
     pub steps: Option<Vec<Step>>,
     /// Number of checks for releases that do not shift weight (blue-green, A/B).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -203,8 +228,9 @@ pub struct Analysis {
     /// How failed checks are counted against `threshold`.
     #[serde(default)]
     pub failure_counting: FailureCounting,
-    /// Metrics checked at every interval; every one must pass for the release to advance.
+    /// Metrics checked at every interval; every one must pass for the release to advance (at most 32).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_METRICS))]
     pub metrics: Vec<Metric>,
     /// Where this Rollout's notifications go.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -213,9 +239,9 @@ pub struct Analysis {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policies: Vec<PromotionPolicy>,
     /// A/B test: requests matching any entry go to the canary for `iterations` checks; the rest stay on
-    /// the primary. Entries are tried in order.
+    /// the primary. Entries are tried in order (at most 16).
     #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
+    #[schemars(length(max = MAX_MATCHES))]
     pub match_: Vec<HttpMatch>,
     /// Blue-green: copy live requests to the canary while it is analysed (its responses are discarded).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -227,9 +253,9 @@ pub struct Analysis {
     /// Weighted canary: a user the canary served keeps being sent to it, through a cookie.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_affinity: Option<SessionAffinity>,
-    /// HTTP hooks called at fixed points of a release (Flagger's webhooks).
+    /// HTTP hooks called at fixed points of a release (Flagger's webhooks; at most 32).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = MAX_WEBHOOKS))]
     pub webhooks: Vec<Webhook>,
 }
 
@@ -238,12 +264,14 @@ pub struct Analysis {
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("(has(self.headers) && size(self.headers) > 0) || has(self.cookie)").message("a match needs headers or a cookie"),
-    validation = Rule::new("!has(self.cookie) || !has(self.headers) || !self.headers.exists(h, h.matches('^[cC][oO][oO][kK][iI][eE]$'))").message("use either cookie or a headers.cookie condition, not both"),
+    validation = Rule::new("!has(self.cookie) || !has(self.headers) || !self.headers.exists(h, h.lowerAscii() == 'cookie')").message("use either cookie or a headers.cookie condition, not both"),
 )]
 pub struct HttpMatch {
-    /// Request headers (names are case-insensitive) and how each value must match.
+    /// Request headers (names are case-insensitive, at most 256 characters) and how each value must match
+    /// (at most 16 headers).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    #[schemars(length(max = 16))]
+    #[schemars(extend("maxProperties" = MAX_MATCH_HEADERS))]
+    #[x_kube(validation = Rule::new("self.all(name, size(name) >= 1 && size(name) <= 256)").message("a header name must be 1 to 256 characters"))]
     pub headers: std::collections::BTreeMap<String, StringMatch>,
     /// A cookie that must be present with this exact value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -255,13 +283,18 @@ pub struct HttpMatch {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("(has(self.exact) ? 1 : 0) + (has(self.prefix) ? 1 : 0) + (has(self.regex) ? 1 : 0) == 1").message("a header match sets exactly one of exact, prefix or regex"))]
 pub struct StringMatch {
+    /// The whole value (at most 1024 characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_HEADER_VALUE_LENGTH))]
     pub exact: Option<String>,
+    /// The start of the value (at most 1024 characters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_HEADER_VALUE_LENGTH))]
     pub prefix: Option<String>,
-    /// RE2 syntax, matched against the whole value.
+    /// RE2 syntax, matched against the whole value (1-1024 characters). Sluice checks the syntax and reports an
+    /// invalid regex as the `InvalidSpec` condition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 1024))]
+    #[schemars(length(min = 1, max = MAX_HEADER_VALUE_LENGTH))]
     pub regex: Option<String>,
 }
 
@@ -317,7 +350,8 @@ pub struct Webhook {
     /// When the hook is called and what its answer does.
     #[serde(default, rename = "type")]
     pub type_: WebhookType,
-    /// `http://` or `https://` URL.
+    /// `http://` or `https://` URL (at most 2048 characters).
+    #[schemars(length(max = MAX_URL_LENGTH))]
     #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("url must start with http:// or https://"))]
     pub url: String,
     /// Time allowed for one attempt (default 10s, at most 5m).
@@ -501,6 +535,7 @@ pub enum NoDataPolicy {
 /// Observed state of a Rollout. Everything a restarted operator needs to continue lives here.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::api::kubernetes_integer_formats)]
 pub struct RolloutStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<RolloutPhase>,
