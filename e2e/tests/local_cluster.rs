@@ -6,7 +6,9 @@ use sluice_e2e::harness::{Kubectl, start_cluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sluice_installs_and_its_service_account_has_only_its_rbac() {
-    let cluster = start_cluster().await.expect("control plane with Sluice installed");
+    let cluster = start_cluster()
+        .await
+        .expect("control plane with Sluice installed");
     let admin = &cluster.kubectl;
     for crd in [
         "rollouts.sluice.dev",
@@ -22,16 +24,20 @@ async fn sluice_installs_and_its_service_account_has_only_its_rbac() {
     }
     let version = admin.ok(&["version", "-o", "json"]);
     let versions = sluice_testcluster::Versions::pinned().unwrap();
-    assert!(version.contains(&format!("\"gitVersion\": \"{}\"", versions.kubernetes)), "{version}");
+    assert!(
+        version.contains(&format!("\"gitVersion\": \"{}\"", versions.kubernetes)),
+        "{version}"
+    );
 
     // Workloads get real ReplicaSets and Pods, made Ready by kwok.
-    admin.ok(&["create", "deployment", "web", "--image=nginx", "--replicas=2"]);
     admin.ok(&[
-        "rollout",
-        "status",
-        "deployment/web",
-        "--timeout=60s",
+        "create",
+        "deployment",
+        "web",
+        "--image=nginx",
+        "--replicas=2",
     ]);
+    admin.ok(&["rollout", "status", "deployment/web", "--timeout=60s"]);
 
     // The operator's ServiceAccount: what config/base grants, and nothing more.
     let operator = Kubectl::with_kubeconfig(cluster.dir.path(), &cluster.operator_kubeconfig);
@@ -40,9 +46,19 @@ async fn sluice_installs_and_its_service_account_has_only_its_rbac() {
         all.extend_from_slice(args);
         operator.run(&all).stdout.trim() == "yes"
     };
-    assert!(can(&["patch", "rollouts.sluice.dev/status", "-n", "default"]));
+    assert!(can(&[
+        "patch",
+        "rollouts.sluice.dev/status",
+        "-n",
+        "default"
+    ]));
     assert!(can(&["create", "deployments.apps", "-n", "default"]));
-    assert!(can(&["patch", "virtualservices.networking.istio.io", "-n", "default"]));
+    assert!(can(&[
+        "patch",
+        "virtualservices.networking.istio.io",
+        "-n",
+        "default"
+    ]));
     assert!(!can(&["create", "namespaces"]));
     assert!(!can(&["delete", "nodes"]));
     let refused = operator.run(&["create", "namespace", "not-allowed"]);

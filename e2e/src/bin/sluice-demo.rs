@@ -13,9 +13,7 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
 use sluice::api::{AuthorizationPolicy, Rollout, RolloutPhase};
 use sluice_e2e::alertmanager::AlertmanagerServer;
-use sluice_e2e::harness::{
-    Cluster, OperatorProcess, repo_root, sluice_binary, start_cluster,
-};
+use sluice_e2e::harness::{Cluster, OperatorProcess, repo_root, sluice_binary, start_cluster};
 use sluice_e2e::prometheus::{FakeMesh, PrometheusServer, WorkloadTraffic, free_port};
 
 const NS: &str = "default";
