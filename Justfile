@@ -8,11 +8,11 @@ default:
 build:
     cargo build --workspace
 
-# Run every check: unit, property and end-to-end tests against the sandbox.
+# Run every check: unit, property and end-to-end tests on a local control plane, then the fuzzers.
 test:
     cargo xtask test
 
-# Start the sandbox, apply the CRDs and samples, and show them (`--keep` leaves it running).
+# The demo: a promoted canary, a rolled-back canary and a policy, on a local control plane.
 demo:
     cargo xtask demo
 
@@ -25,10 +25,13 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
 
-# Local Kubernetes-API sandbox for trying Sluice; then `export KUBECONFIG=.sandbox/kubeconfig`.
-sandbox:
-    mkdir -p .sandbox
-    cargo run -q -p sluice-e2e --bin sluice-sandbox -- --listen 127.0.0.1:6443 --kubeconfig .sandbox/kubeconfig
+# A local Kubernetes control plane for trying Sluice; then `export KUBECONFIG=$PWD/.cluster/admin.kubeconfig`.
+cluster-up:
+    cargo xtask cluster up
+
+# Stop it.
+cluster-down:
+    cargo xtask cluster down
 
 # Container image of the sluice binary.
 image:
