@@ -1,4 +1,4 @@
-//! Helpers for scenario tests: run the machine's real `kubectl` against a sandbox, with its own kubeconfig and
+//! Helpers for scenario tests: the local control plane with Sluice installed, and the real `kubectl` against it, with its own kubeconfig and
 //! discovery cache so tests never touch the user's files or each other.
 
 use std::io::{BufRead, BufReader};
@@ -30,7 +30,7 @@ impl KubectlOutput {
     }
 }
 
-/// `kubectl` bound to one sandbox.
+/// `kubectl` bound to one cluster.
 pub struct Kubectl {
     dir: PathBuf,
     kubeconfig: PathBuf,

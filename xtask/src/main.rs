@@ -1,6 +1,6 @@
 //! Project commands behind the README's two commands:
 //!   cargo xtask test   installs what the tests need, then runs fmt, clippy and every test
-//!   cargo xtask demo   starts the Kubernetes-API sandbox, applies the CRDs and samples, and shows them
+//!   cargo xtask demo   plays the demo (a promoted and a rolled-back canary, a policy) on a local control plane
 //! and the local control plane (see testcluster/):
 //!   cargo xtask cluster up [--kubeconfig PATH] | down | status
 
