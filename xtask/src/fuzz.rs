@@ -34,6 +34,16 @@ fn has_cargo_fuzz() -> bool {
 
 pub fn smoke(root: &Path, run: impl Fn(&mut Command) -> Result<(), String>) -> Result<(), String> {
     if !has_nightly() {
+        // rustup fetches it from its own distribution server where that is reachable.
+        let _ = run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]));
+    }
+    if !has_nightly() {
         return Err(
             "fuzzing needs a nightly Rust toolchain (libFuzzer instrumentation): rustup toolchain install nightly"
                 .into(),
