@@ -243,14 +243,24 @@ fn backoff(failures: u32) -> Duration {
 }
 
 /// A write refused because the Rollout changed since it was read (the cache lagged): not a failure.
+/// Besides 409 Conflict, that is the finalizer helper's JSON-patch `test` failing (422) on a cached copy
+/// that does not show the finalizer yet, or its removal finding the Rollout already gone (404): seen on a
+/// real API server whenever the target's controller triggers a reconcile before the watch catches up.
 fn is_conflict(err: &Error) -> bool {
-    let api_conflict =
-        |e: &kube::Error| matches!(e, kube::Error::Api(status) if status.code == 409);
+    let code = |e: &kube::Error| match e {
+        kube::Error::Api(status) => Some(status.code),
+        _ => None,
+    };
+    let api_conflict = |e: &kube::Error| code(e) == Some(409);
+    use kube::runtime::finalizer::Error as Finalizer;
     match err {
         Error::Kube(e) => api_conflict(e),
         Error::Finalizer(boxed) => match boxed.as_ref() {
-            kube::runtime::finalizer::Error::ApplyFailed(Error::Kube(e))
-            | kube::runtime::finalizer::Error::CleanupFailed(Error::Kube(e)) => api_conflict(e),
+            Finalizer::ApplyFailed(Error::Kube(e)) | Finalizer::CleanupFailed(Error::Kube(e)) => {
+                api_conflict(e)
+            }
+            Finalizer::AddFinalizer(e) => matches!(code(e), Some(409 | 422)),
+            Finalizer::RemoveFinalizer(e) => matches!(code(e), Some(404 | 409 | 422)),
             _ => false,
         },
         _ => false,
@@ -1047,5 +1057,36 @@ mod tests {
     fn backoff_doubles_up_to_a_minute() {
         let waits: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
         assert_eq!(waits, vec![1, 2, 4, 8, 16, 32, 60, 60, 60]);
+    }
+
+    #[test]
+    fn a_lagging_cache_is_replanned_not_reported() {
+        use kube::runtime::finalizer::Error as Finalizer;
+        let api = |code: u16| {
+            kube::Error::Api(
+                kube::core::Status::failure("refused", "Invalid")
+                    .with_code(code)
+                    .boxed(),
+            )
+        };
+        let finalizer = |e: Finalizer<Error>| Error::Finalizer(Box::new(e));
+        assert!(is_conflict(&Error::Kube(api(409))));
+        assert!(is_conflict(&finalizer(Finalizer::AddFinalizer(api(422)))));
+        assert!(is_conflict(&finalizer(Finalizer::AddFinalizer(api(409)))));
+        assert!(is_conflict(&finalizer(Finalizer::RemoveFinalizer(api(
+            404
+        )))));
+        assert!(is_conflict(&finalizer(Finalizer::ApplyFailed(
+            Error::Kube(api(409))
+        ))));
+        // Real failures still count, back off and are logged.
+        assert!(!is_conflict(&Error::Kube(api(422))));
+        assert!(!is_conflict(&finalizer(Finalizer::AddFinalizer(api(403)))));
+        assert!(!is_conflict(&finalizer(Finalizer::ApplyFailed(
+            Error::Kube(api(500))
+        ))));
+        assert!(!is_conflict(&finalizer(Finalizer::RemoveFinalizer(api(
+            500
+        )))));
     }
 }
