@@ -65,12 +65,19 @@ pub fn smoke(root: &Path, run: impl Fn(&mut Command) -> Result<(), String>) -> R
     for target in TARGETS {
         // New inputs go to a scratch directory; the committed corpus is only read.
         let scratch = tempfile_dir(target)?;
+        let corpus = fuzz_dir.join("corpus").join(target);
+        if !corpus.is_dir() {
+            return Err(format!(
+                "{} is missing: every target keeps its seed corpus in the repository",
+                corpus.display()
+            ));
+        }
         let result = run(rustup_cargo()
             .args(["fuzz", "run", "--dev", "--fuzz-dir"])
             .arg(&fuzz_dir)
             .arg(target)
             .arg(&scratch)
-            .arg(fuzz_dir.join("corpus").join(target))
+            .arg(&corpus)
             .arg("--")
             .arg(format!("-max_total_time={SECONDS_PER_TARGET}"))
             .arg("-rss_limit_mb=2048")
