@@ -138,7 +138,7 @@ fn test() -> Result<(), String> {
     let started = Instant::now();
     step("checking the machine");
     ensure_packages()?;
-    step("building the local control plane (first run on a new machine: about 15 minutes)");
+    step("building the local control plane (first run on a new machine: about 13 minutes)");
     cluster::build()?;
     step("cargo fmt --check");
     run(Command::new(cargo()).args(["fmt", "--all", "--", "--check"]))?;

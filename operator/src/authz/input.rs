@@ -906,51 +906,43 @@ fn parse_multipart(content_type: &str, payload: &[u8]) -> Result<ParsedBody, Inp
     };
     let fields = super::multipart::read_form(payload, boundary)?;
     let mut json: Map<String, Value> = Map::new();
-    let mut exact: Vec<(String, Vec<Option<regorus::Value>>)> = Vec::new();
-    let mut any_exact = false;
+    // Exact values in field order; only kept when a JSON part had a number f64 cannot hold.
+    let mut exact_values: Vec<(String, Option<regorus::Value>)> = Vec::new();
     for field in fields {
-        let is_json = memchr_str(&field.content_type, b"application/json");
+        let is_json = memchr::memmem::find(&field.content_type, b"application/json").is_some();
         let (value, exact_value) = if is_json {
             let parsed = parse_json(&go_lossy(&field.value))?;
             (parsed.json, parsed.exact)
         } else {
             (Value::from(go_lossy(&field.value).into_owned()), None)
         };
-        any_exact |= exact_value.is_some();
         match json.get_mut(&field.name) {
             Some(Value::Array(list)) => list.push(value),
             _ => {
                 json.insert(field.name.clone(), Value::Array(vec![value]));
             }
         }
-        match exact.iter_mut().find(|(name, _)| *name == field.name) {
-            Some((_, values)) => values.push(exact_value),
-            None => exact.push((field.name, vec![exact_value])),
-        }
+        exact_values.push((field.name, exact_value));
     }
-    let exact = any_exact.then(|| {
-        let fields = exact
-            .into_iter()
-            .map(|(name, values)| {
-                let list = &json[&name];
-                let values = values
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, v)| v.unwrap_or_else(|| regorus::Value::from(list[i].clone())))
-                    .collect::<Vec<_>>();
-                (regorus::Value::from(name), regorus::Value::from(values))
-            })
-            .collect::<std::collections::BTreeMap<_, _>>();
-        regorus::Value::from(fields)
+    let exact = exact_values.iter().any(|(_, v)| v.is_some()).then(|| {
+        let mut lists: std::collections::BTreeMap<String, Vec<regorus::Value>> = Default::default();
+        for (name, exact_value) in exact_values {
+            let index = lists.get(&name).map_or(0, Vec::len);
+            let value =
+                exact_value.unwrap_or_else(|| regorus::Value::from(json[&name][index].clone()));
+            lists.entry(name).or_default().push(value);
+        }
+        regorus::Value::from(
+            lists
+                .into_iter()
+                .map(|(name, values)| (regorus::Value::from(name), regorus::Value::from(values)))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        )
     });
     Ok(ParsedBody {
         json: Value::Object(json),
         exact,
     })
-}
-
-fn memchr_str(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[cfg(test)]
