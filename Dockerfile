@@ -25,6 +25,7 @@ WORKDIR /src
 #    with an explicit path ([[bench]], [[test]], ...), needs its manifest and stub added here.
 COPY Cargo.toml Cargo.lock ./
 COPY .cargo .cargo
+COPY vendor vendor
 COPY operator/Cargo.toml operator/
 COPY e2e/Cargo.toml e2e/
 COPY xtask/Cargo.toml xtask/

@@ -247,6 +247,8 @@ pub struct OperatorProcess {
     log_path: PathBuf,
     /// Base URL of its bundle server, e.g. `http://127.0.0.1:41234`.
     pub bundle_url: String,
+    /// Base URL of its `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_url: String,
 }
 
 impl OperatorProcess {
@@ -261,11 +263,13 @@ impl OperatorProcess {
             .open(log_path)?;
         let bundle_port = crate::prometheus::free_port().map_err(std::io::Error::other)?;
         let bundle_addr = format!("127.0.0.1:{bundle_port}");
+        let metrics_port = crate::prometheus::free_port().map_err(std::io::Error::other)?;
+        let metrics_addr = format!("127.0.0.1:{metrics_port}");
         let child = Command::new(sluice_binary()?)
             .args([
                 "operator",
                 "--metrics-addr",
-                "127.0.0.1:0",
+                &metrics_addr,
                 "--bundle-addr",
                 &bundle_addr,
                 "--prometheus-url",
@@ -280,6 +284,7 @@ impl OperatorProcess {
             child,
             log_path: log_path.to_owned(),
             bundle_url: format!("http://{bundle_addr}"),
+            metrics_url: format!("http://{metrics_addr}"),
         })
     }
 

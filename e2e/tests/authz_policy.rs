@@ -410,7 +410,13 @@ async fn policy_is_compiled_tested_served_long_polled_and_kept_when_broken() {
         .expect("GET bundle");
     assert_eq!(still.headers()["etag"].to_str().unwrap(), etag_2);
 
-    // 5. A module whose tests fail is refused too, naming the failing test.
+    // 5. Back to the good spec. Then an edit of a referenced ConfigMap alone, with no change to the spec,
+    // triggers a rebuild: its tests now fail, so it is refused, naming the failing test.
+    env.apply(policy(POLICY_V2)).await;
+    env.wait_for("compiled again", |p| {
+        condition(p, "Compiled").is_some_and(|c| c.0 == "True") && is_true(p, "Ready")
+    })
+    .await;
     configmaps
         .patch(
             "shop-rego-tests",
@@ -421,7 +427,6 @@ async fn policy_is_compiled_tested_served_long_polled_and_kept_when_broken() {
         )
         .await
         .expect("tests edited");
-    env.apply(policy(POLICY_V2)).await;
     let failing = env
         .wait_for("failing tests", |p| {
             condition(p, "TestsPassed").is_some_and(|c| c.0 == "False")

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::PoisonError;
 use std::time::Duration;
 
 use axum::Router;
@@ -71,7 +71,8 @@ pub struct Telemetry {
     checks: Family<VerdictLabels, Counter>,
     reconcile_errors: Counter,
     reconcile_duration: Histogram,
-    ready: AtomicBool,
+    /// Components still starting; `None` until the operator says which to wait for.
+    starting: std::sync::Mutex<Option<std::collections::BTreeSet<&'static str>>>,
 }
 
 impl Default for Telemetry {
@@ -140,7 +141,7 @@ impl Telemetry {
             checks,
             reconcile_errors,
             reconcile_duration,
-            ready: AtomicBool::new(false),
+            starting: std::sync::Mutex::new(None),
         }
     }
 
@@ -224,8 +225,28 @@ impl Telemetry {
         self.reconcile_duration.observe(took.as_secs_f64());
     }
 
-    pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::Relaxed);
+    /// `/readyz` answers 503 until each of `components` has called [`Telemetry::set_ready`].
+    pub fn expect_ready(&self, components: &[&'static str]) {
+        let mut starting = self.starting.lock().unwrap_or_else(PoisonError::into_inner);
+        *starting = Some(components.iter().copied().collect());
+    }
+
+    /// `component` has listed its resources and watches them.
+    pub fn set_ready(&self, component: &'static str) {
+        let mut starting = self.starting.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(set) = starting.as_mut() {
+            set.remove(component);
+        }
+    }
+
+    /// `None` when ready, else what is still starting.
+    pub fn still_starting(&self) -> Option<String> {
+        let starting = self.starting.lock().unwrap_or_else(PoisonError::into_inner);
+        match starting.as_ref() {
+            None => Some("the controllers".into()),
+            Some(set) if set.is_empty() => None,
+            Some(set) => Some(set.iter().copied().collect::<Vec<_>>().join(", ")),
+        }
     }
 
     pub fn encode(&self) -> String {
@@ -248,10 +269,9 @@ async fn metrics(State(telemetry): State<Arc<Telemetry>>) -> impl IntoResponse {
 }
 
 async fn readyz(State(telemetry): State<Arc<Telemetry>>) -> impl IntoResponse {
-    if telemetry.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ok")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+    match telemetry.still_starting() {
+        None => (StatusCode::OK, "ok".to_owned()),
+        Some(what) => (StatusCode::SERVICE_UNAVAILABLE, format!("starting: {what}")),
     }
 }
 
@@ -277,6 +297,24 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
 mod tests {
     use super::*;
     use crate::api::Weight;
+
+    #[test]
+    fn ready_only_once_every_expected_component_is() {
+        let t = Telemetry::new();
+        assert!(
+            t.still_starting().is_some(),
+            "not ready before being told what to wait for"
+        );
+        t.expect_ready(&["rollouts", "authorizationpolicies"]);
+        assert_eq!(
+            t.still_starting().as_deref(),
+            Some("authorizationpolicies, rollouts")
+        );
+        t.set_ready("rollouts");
+        assert_eq!(t.still_starting().as_deref(), Some("authorizationpolicies"));
+        t.set_ready("authorizationpolicies");
+        assert_eq!(t.still_starting(), None);
+    }
 
     #[test]
     fn series_follow_live_rollouts() {

@@ -83,13 +83,14 @@ test_failing_or_missing_metrics_deny if {
 }
 
 test_now_defaults_to_the_clock if {
-	# Without input.now the gate uses time.now_ns(): an approved rollout with passing metrics is allowed
-	# unless the clock is in a freeze window.
+	# Without input.now the gate reads the clock (time.now_ns): the same input is denied while the clock is
+	# inside a freeze window and allowed outside it.
 	i := object.remove(base, ["now"])
-	d := deny with input as i
-	every msg in d {
-		startswith(msg, "change freeze ")
-	}
+	in_freeze := time.parse_rfc3339_ns("2026-11-27T15:30:00Z")
+	deny == {`change freeze "black-friday" is in effect until 2026-12-01T06:00:00Z`} with input as i with time.now_ns as in_freeze
+	not allow with input as i with time.now_ns as in_freeze
+	quiet := time.parse_rfc3339_ns(quiet_day)
+	allow with input as i with time.now_ns as quiet
 }
 
 test_every_reason_is_reported if {

@@ -62,6 +62,10 @@ pub struct AuthorizationPolicySpec {
     /// Allow requests when the policy cannot be evaluated (default: deny, fail closed).
     #[serde(default)]
     pub fail_open: bool,
+    /// OPA's `--strict-builtin-errors`: a builtin error (a malformed token, a bad key) fails the
+    /// evaluation, so the request is denied (unless `failOpen`), instead of making the call undefined.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub strict_builtin_errors: bool,
     /// Have Sluice create the Istio AuthorizationPolicy (`action: CUSTOM`) that sends the selected
     /// workloads' requests to `sluice authz` through a mesh extension provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]

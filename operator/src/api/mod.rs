@@ -358,6 +358,482 @@ mod tests {
         assert_eq!(unbounded, Vec::<String>::new());
     }
 
+    /// Every CEL rule of every CRD, as (kind, schema path, rule, message); paths as [`walk`] writes them.
+    fn every_rule() -> Vec<(String, String, String, String)> {
+        let mut rules = Vec::new();
+        for crd in crds() {
+            let kind = crd.spec.names.kind.clone();
+            walk(
+                &crd_schema(&crd),
+                String::new(),
+                &mut Vec::new(),
+                &mut |path, node, _| {
+                    for rule in node
+                        .get("x-kubernetes-validations")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        rules.push((
+                            kind.clone(),
+                            path.to_owned(),
+                            rule["rule"].as_str().unwrap_or_default().to_owned(),
+                            rule["message"].as_str().unwrap_or_default().to_owned(),
+                        ));
+                    }
+                },
+            );
+        }
+        rules
+    }
+
+    /// One CEL rule's cases: objects it must let through and objects it alone must refuse.
+    struct RuleCases {
+        kind: &'static str,
+        /// The node the rule sits on, as [`walk`] writes it (`[]` an array item, `{}` a map value).
+        path: &'static str,
+        /// The start of the rule's message (several rules can sit on one node).
+        message: &'static str,
+        accept: Vec<Value>,
+        reject: Vec<Value>,
+    }
+
+    fn rollout_spec(spec: Value) -> Value {
+        let mut object = rollout_with_analysis(json!({"interval": "1m", "stepWeight": 10}));
+        if let (Some(have), Some(patch)) = (object["spec"].as_object_mut(), spec.as_object()) {
+            have.extend(patch.clone());
+        }
+        object
+    }
+
+    fn alert_provider(spec: Value) -> Value {
+        json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "AlertProvider",
+            "metadata": {"name": "oncall", "namespace": "test"}, "spec": spec})
+    }
+
+    fn authorization_policy(module: Value) -> Value {
+        json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "authz", "namespace": "test"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}}, "modules": [module]}})
+    }
+
+    fn rule_cases() -> Vec<RuleCases> {
+        let analysis = rollout_with_analysis;
+        // A/B analysis with one match entry.
+        let ab =
+            |entry: Value| analysis(json!({"interval": "1m", "iterations": 2, "match": [entry]}));
+        let metric =
+            |m: Value| analysis(json!({"interval": "1m", "stepWeight": 10, "metrics": [m]}));
+        let hook = |h: Value| {
+            let mut h = h;
+            h["name"] = json!("load");
+            analysis(json!({"interval": "1m", "stepWeight": 10, "webhooks": [h]}))
+        };
+        let exact = json!({"exact": "insider"});
+        let cookie = json!({"name": "canary", "value": "always"});
+        vec![
+            RuleCases {
+                kind: "AlertProvider",
+                path: ".spec",
+                message: "set address, or secretRef",
+                accept: vec![
+                    alert_provider(
+                        json!({"type": "slack", "address": "https://hooks.example.com/x"}),
+                    ),
+                    alert_provider(json!({"type": "slack", "secretRef": {"name": "slack-url"}})),
+                ],
+                reject: vec![alert_provider(json!({"type": "slack", "channel": "#ops"}))],
+            },
+            RuleCases {
+                kind: "AuthorizationPolicy",
+                path: ".spec.modules[]",
+                message: "a module sets exactly one of rego or configMapRef",
+                accept: vec![
+                    authorization_policy(json!({"name": "a.rego", "rego": "package a"})),
+                    authorization_policy(
+                        json!({"name": "a.rego", "configMapRef": {"name": "p", "key": "a.rego"}}),
+                    ),
+                ],
+                reject: vec![
+                    authorization_policy(json!({"name": "a.rego"})),
+                    authorization_policy(
+                        json!({"name": "a.rego", "rego": "package a", "configMapRef": {"name": "p", "key": "a.rego"}}),
+                    ),
+                ],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis.interval",
+                message: "interval must be at least 1s",
+                accept: vec![analysis(json!({"interval": "1s", "stepWeight": 10}))],
+                reject: vec![analysis(json!({"interval": "999ms", "stepWeight": 10}))],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis.match[].headers{}",
+                message: "a header match sets exactly one of",
+                accept: vec![
+                    ab(json!({"headers": {"x-canary": {"exact": "insider"}}})),
+                    ab(json!({"headers": {"x-canary": {"prefix": "in"}}})),
+                    ab(json!({"headers": {"x-canary": {"regex": "in.*"}}})),
+                ],
+                reject: vec![
+                    ab(json!({"headers": {"x-canary": {}}})),
+                    ab(json!({"headers": {"x-canary": {"exact": "insider", "prefix": "in"}}})),
+                    ab(json!({"headers": {"x-canary": {"prefix": "in", "regex": "in.*"}}})),
+                ],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis.match[].headers",
+                message: "a header name must be 1 to 256 characters",
+                accept: vec![
+                    ab(json!({"headers": {"x": exact}})),
+                    ab(json!({"headers": {"x".repeat(256): exact}})),
+                ],
+                reject: vec![
+                    ab(json!({"headers": {"": exact}})),
+                    ab(json!({"headers": {"x".repeat(257): exact}})),
+                ],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis.match[]",
+                message: "a match needs headers or a cookie",
+                accept: vec![
+                    ab(json!({"cookie": cookie})),
+                    ab(json!({"headers": {"x-canary": exact}})),
+                ],
+                reject: vec![ab(json!({})), ab(json!({"headers": {}}))],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis.match[]",
+                message: "use either cookie or a headers.cookie condition",
+                accept: vec![
+                    ab(json!({"cookie": cookie, "headers": {"x-cookie": exact}})),
+                    ab(json!({"headers": {"Cookie": exact}})),
+                ],
+                reject: vec![
+                    ab(json!({"cookie": cookie, "headers": {"cookie": exact}})),
+                    ab(json!({"cookie": cookie, "headers": {"CooKie": exact}})),
+                ],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis.metrics[].interval",
+                message: "interval must be at least 1s",
+                accept: vec![metric(
+                    json!({"name": "request-duration", "thresholdRange": {"max": 500}, "interval": "1s"}),
+                )],
+                reject: vec![metric(
+                    json!({"name": "request-duration", "thresholdRange": {"max": 500}, "interval": "500ms"}),
+                )],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis.metrics[].thresholdRange",
+                message: "thresholdRange needs min, max or both",
+                accept: vec![
+                    metric(json!({"name": "request-duration", "thresholdRange": {"max": 500}})),
+                    metric(json!({"name": "request-success-rate", "thresholdRange": {"min": 99}})),
+                ],
+                reject: vec![metric(
+                    json!({"name": "request-duration", "thresholdRange": {}}),
+                )],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis.metrics[].thresholdRange",
+                message: "thresholdRange.min must not exceed",
+                accept: vec![metric(
+                    json!({"name": "request-duration", "thresholdRange": {"min": 5, "max": 5}}),
+                )],
+                reject: vec![metric(
+                    json!({"name": "request-duration", "thresholdRange": {"min": 5.5, "max": 5}}),
+                )],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis.metrics[]",
+                message: "a metric needs a query",
+                accept: vec![
+                    metric(json!({"name": "request-success-rate", "thresholdRange": {"min": 99}})),
+                    metric(json!({"name": "request-duration", "thresholdRange": {"max": 500}})),
+                    metric(
+                        json!({"name": "errors", "query": "sum(x)", "thresholdRange": {"max": 1}}),
+                    ),
+                ],
+                reject: vec![metric(
+                    json!({"name": "errors", "thresholdRange": {"max": 1}}),
+                )],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis.mirrorWeight",
+                message: "mirrorWeight must be at least 1",
+                accept: vec![analysis(
+                    json!({"interval": "1m", "iterations": 2, "mirror": true, "mirrorWeight": 1}),
+                )],
+                reject: vec![analysis(
+                    json!({"interval": "1m", "iterations": 2, "mirror": true, "mirrorWeight": 0}),
+                )],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis.stepWeight",
+                message: "stepWeight must be at least 1",
+                accept: vec![analysis(json!({"interval": "1m", "stepWeight": 1}))],
+                reject: vec![analysis(json!({"interval": "1m", "stepWeight": 0}))],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis.stepWeights",
+                message: "stepWeights must be in increasing order",
+                accept: vec![
+                    analysis(json!({"interval": "1m", "stepWeights": [5, 10, 50]})),
+                    analysis(json!({"interval": "1m", "stepWeights": [30]})),
+                ],
+                reject: vec![analysis(
+                    json!({"interval": "1m", "stepWeights": [5, 50, 10]}),
+                )],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis.steps[]",
+                message: "a step sets exactly one of setWeight or pause",
+                accept: vec![analysis(
+                    json!({"interval": "1m", "steps": [{"setWeight": 10}, {"pause": {}}]}),
+                )],
+                reject: vec![
+                    analysis(json!({"interval": "1m", "steps": [{"setWeight": 10, "pause": {}}]})),
+                    analysis(json!({"interval": "1m", "steps": [{}]})),
+                ],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis.webhooks[].timeout",
+                message: "timeout must be between 1s and 5m",
+                accept: vec![
+                    hook(json!({"url": "http://load.test/", "timeout": "1s"})),
+                    hook(json!({"url": "http://load.test/", "timeout": "5m"})),
+                ],
+                reject: vec![
+                    hook(json!({"url": "http://load.test/", "timeout": "999ms"})),
+                    hook(json!({"url": "http://load.test/", "timeout": "5m1s"})),
+                ],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis.webhooks[].url",
+                message: "url must start with http:// or https://",
+                accept: vec![
+                    hook(json!({"url": "http://load.test/"})),
+                    hook(json!({"url": "https://load.test/"})),
+                ],
+                reject: vec![
+                    hook(json!({"url": "ftp://load.test/"})),
+                    hook(json!({"url": "load.test/http://"})),
+                ],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis",
+                message: "stepWeight and stepWeights are mutually exclusive",
+                accept: vec![analysis(json!({"interval": "1m", "stepWeights": [10, 20]}))],
+                reject: vec![analysis(
+                    json!({"interval": "1m", "stepWeight": 10, "stepWeights": [10, 20]}),
+                )],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis",
+                message: "steps replaces stepWeight/stepWeights",
+                accept: vec![analysis(
+                    json!({"interval": "1m", "steps": [{"setWeight": 10}]}),
+                )],
+                reject: vec![
+                    analysis(
+                        json!({"interval": "1m", "steps": [{"setWeight": 10}], "stepWeight": 5}),
+                    ),
+                    analysis(
+                        json!({"interval": "1m", "steps": [{"setWeight": 10}], "stepWeights": [5]}),
+                    ),
+                ],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis",
+                message: "maxWeight must be greater than or equal to stepWeight",
+                accept: vec![analysis(
+                    json!({"interval": "1m", "stepWeight": 50, "maxWeight": 50}),
+                )],
+                reject: vec![analysis(
+                    json!({"interval": "1m", "stepWeight": 51, "maxWeight": 50}),
+                )],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis",
+                message: "every stepWeights entry must be at most maxWeight",
+                accept: vec![analysis(
+                    json!({"interval": "1m", "stepWeights": [10, 50], "maxWeight": 50}),
+                )],
+                reject: vec![analysis(
+                    json!({"interval": "1m", "stepWeights": [10, 51], "maxWeight": 50}),
+                )],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis",
+                message: "match makes this an A/B test",
+                accept: vec![
+                    ab(json!({"headers": {"x-canary": exact}})),
+                    analysis(json!({"interval": "1m", "stepWeight": 10, "match": []})),
+                ],
+                reject: vec![
+                    analysis(
+                        json!({"interval": "1m", "stepWeight": 10, "match": [{"headers": {"x-canary": exact}}]}),
+                    ),
+                    analysis(
+                        json!({"interval": "1m", "steps": [{"setWeight": 10}], "match": [{"cookie": cookie}]}),
+                    ),
+                ],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis",
+                message: "mirror is for blue-green",
+                accept: vec![
+                    analysis(json!({"interval": "1m", "iterations": 2, "mirror": true})),
+                    analysis(json!({"interval": "1m", "stepWeight": 10, "mirror": false})),
+                ],
+                reject: vec![
+                    analysis(json!({"interval": "1m", "stepWeight": 10, "mirror": true})),
+                    analysis(
+                        json!({"interval": "1m", "iterations": 2, "mirror": true, "match": [{"cookie": cookie}]}),
+                    ),
+                ],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis",
+                message: "mirrorWeight needs mirror: true",
+                accept: vec![analysis(
+                    json!({"interval": "1m", "iterations": 2, "mirror": true, "mirrorWeight": 50}),
+                )],
+                reject: vec![
+                    analysis(json!({"interval": "1m", "iterations": 2, "mirrorWeight": 50})),
+                    analysis(
+                        json!({"interval": "1m", "iterations": 2, "mirror": false, "mirrorWeight": 50}),
+                    ),
+                ],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis",
+                message: "sessionAffinity keeps users",
+                accept: vec![analysis(
+                    json!({"interval": "1m", "stepWeight": 10, "sessionAffinity": {"cookieName": "canary"}}),
+                )],
+                reject: vec![analysis(
+                    json!({"interval": "1m", "iterations": 2, "sessionAffinity": {"cookieName": "canary"}}),
+                )],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.targetRef.apiVersion",
+                message: "targetRef.apiVersion must be apps/v1",
+                accept: vec![rollout_spec(
+                    json!({"targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "podinfo"}}),
+                )],
+                reject: vec![rollout_spec(
+                    json!({"targetRef": {"apiVersion": "apps/v1beta1", "kind": "Deployment", "name": "podinfo"}}),
+                )],
+            },
+        ]
+    }
+
+    /// Whether a CEL error's field path (`a.b[0].m.key`) is an instance of a schema path as [`walk`]
+    /// writes it (`.a.b[].m{}`).
+    fn is_instance_of(field_path: &str, schema_path: &str) -> bool {
+        let pattern = regex::escape(schema_path.trim_start_matches('.'))
+            .replace(r"\[\]", r"\[[0-9]+\]")
+            .replace(r"\{\}", r"\..+");
+        regex::Regex::new(&format!("^{pattern}$")).is_ok_and(|re| re.is_match(field_path))
+    }
+
+    /// Every CEL rule on every CRD has objects it accepts and objects it refuses, and each refused object
+    /// breaks that rule alone: weakening, inverting or deleting any rule fails here.
+    #[test]
+    fn every_cel_rule_accepts_and_rejects() {
+        use kube::core::cel::ErrorKind;
+        let schemas: std::collections::BTreeMap<String, Value> = crds()
+            .iter()
+            .map(|crd| (crd.spec.names.kind.clone(), crd_schema(crd)))
+            .collect();
+        let rules = every_rule();
+        let cases = rule_cases();
+        let validator = Validator::new();
+        // Each case names exactly one rule, and every rule has a case.
+        let rule_of = |case: &RuleCases| {
+            let matching: Vec<_> = rules
+                .iter()
+                .filter(|(kind, path, _, message)| {
+                    kind == case.kind && path == case.path && message.starts_with(case.message)
+                })
+                .collect();
+            assert_eq!(
+                matching.len(),
+                1,
+                "{} {} {:?} should name one rule",
+                case.kind,
+                case.path,
+                case.message
+            );
+            matching[0].clone()
+        };
+        let covered: Vec<_> = cases.iter().map(rule_of).collect();
+        let uncovered: Vec<_> = rules.iter().filter(|r| !covered.contains(r)).collect();
+        assert_eq!(
+            uncovered,
+            Vec::<&(String, String, String, String)>::new(),
+            "rules without cases"
+        );
+
+        for (case, (kind, path, rule, message)) in cases.iter().zip(&covered) {
+            let schema = &schemas[kind];
+            assert!(
+                !case.accept.is_empty() && !case.reject.is_empty(),
+                "{message}"
+            );
+            for object in &case.accept {
+                let errors = validator
+                    .validate(schema, object, None)
+                    .err()
+                    .map(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>());
+                assert_eq!(errors, None, "{message}: should accept {object}");
+            }
+            for object in &case.reject {
+                let errors = match validator.validate(schema, object, None) {
+                    Ok(()) => panic!("{path}: {message}: should reject {object}"),
+                    Err(errors) => errors,
+                };
+                for error in errors.iter() {
+                    assert!(
+                        error.rule == *rule
+                            && error.kind == ErrorKind::ValidationFailure
+                            && is_instance_of(&error.field_path, path)
+                            && error.message == *message,
+                        "{path}: {message}: {object} broke something else: {error} ({:?}, rule {})",
+                        error.kind,
+                        error.rule
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn explicit_steps_with_manual_pause_are_valid() {
         let object = rollout_with_analysis(json!({

@@ -31,6 +31,8 @@ pub struct Settings {
     pub query: String,
     pub dry_run: bool,
     pub fail_open: bool,
+    /// Builtin errors fail the evaluation (and so deny, unless `fail_open`) instead of being undefined.
+    pub strict_builtin_errors: bool,
 }
 
 /// Command-line choices that win over what a Sluice-built bundle's manifest says.
@@ -39,6 +41,7 @@ pub struct Overrides {
     pub query: Option<String>,
     pub dry_run: bool,
     pub fail_open: bool,
+    pub strict_builtin_errors: bool,
 }
 
 impl Overrides {
@@ -58,6 +61,8 @@ impl Overrides {
                 .unwrap_or_else(|| crate::api::DEFAULT_QUERY.to_owned()),
             dry_run: self.dry_run || field("mode").and_then(Value::as_str) == Some("dryRun"),
             fail_open: self.fail_open || field("failOpen").and_then(Value::as_bool) == Some(true),
+            strict_builtin_errors: self.strict_builtin_errors
+                || field("strictBuiltinErrors").and_then(Value::as_bool) == Some(true),
         }
     }
 }
@@ -102,6 +107,10 @@ impl Active {
     ) -> Result<Active, ActivationError> {
         let revision = bundle.manifest.revision.clone();
         let settings = overrides.settings_for(bundle);
+        let limits = Limits {
+            strict_builtin_errors: settings.strict_builtin_errors,
+            ..limits
+        };
         let engine =
             PolicyEngine::compile(&bundle.modules, &bundle.data, limits).map_err(|source| {
                 ActivationError::Compile {

@@ -50,6 +50,10 @@ pub struct AuthzArgs {
     /// Allow requests the policy cannot decide (undefined, malformed result, evaluation error).
     #[arg(long)]
     pub fail_open: bool,
+    /// Builtin errors fail the evaluation, which denies the request (unless --fail-open), instead of
+    /// making the call undefined (OPA's --strict-builtin-errors; a bundle's metadata can also ask for it).
+    #[arg(long)]
+    pub strict_builtin_errors: bool,
     /// How often a bundle file or directory is checked for changes, in seconds.
     #[arg(long, default_value_t = 1)]
     pub poll_interval_secs: u64,
@@ -173,6 +177,7 @@ async fn serve(args: AuthzArgs) -> Result<(), AuthzError> {
             query: args.query.clone(),
             dry_run: args.dry_run,
             fail_open: args.fail_open,
+            strict_builtin_errors: args.strict_builtin_errors,
         },
         options: Arc::new(options),
         limits: Limits {

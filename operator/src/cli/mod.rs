@@ -327,6 +327,10 @@ async fn operator(args: OperatorArgs) -> Result<(), CliError> {
         .map(|a| a.to_string())
         .unwrap_or_default();
     tracing::info!(metrics_addr, bundle_addr, prometheus = %args.prometheus_url, "sluice operator starting");
+    telemetry.expect_ready(&[
+        crate::controller::READY_COMPONENT,
+        crate::controller::authz::READY_COMPONENT,
+    ]);
     let server = tokio::spawn(crate::telemetry::serve(listener, telemetry.clone()));
     let bundles = crate::policy::server::BundleStore::default();
     let bundle_server = tokio::spawn(crate::policy::server::serve(

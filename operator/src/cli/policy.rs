@@ -52,6 +52,9 @@ pub struct TestArgs {
     /// Longest one test may run, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     pub timeout_ms: u64,
+    /// A builtin error fails the test instead of making the call undefined (as `opa test`'s flag).
+    #[arg(long)]
+    pub strict_builtin_errors: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -71,6 +74,13 @@ pub struct EvalArgs {
     /// Algorithm of --verification-key.
     #[arg(long, default_value = "RS256")]
     pub verification_alg: SigningAlgorithm,
+    /// A builtin error is an evaluation error (exit 2) instead of an undefined call (as `opa eval`'s flag).
+    #[arg(long)]
+    pub strict_builtin_errors: bool,
+    /// Longest the evaluation may run, in milliseconds. (The request path of `sluice authz` has its own,
+    /// much shorter budget: `--eval-timeout-ms`.)
+    #[arg(long, default_value_t = 5000)]
+    pub timeout_ms: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -211,6 +221,7 @@ fn test(args: TestArgs) -> Result<ExitCode, PolicyCliError> {
     let filter = args.run.as_deref().map(regex::Regex::new).transpose()?;
     let limits = Limits {
         max_eval_time: std::time::Duration::from_millis(args.timeout_ms.max(1)),
+        strict_builtin_errors: args.strict_builtin_errors,
         ..Limits::default()
     };
     let report = run_tests(&modules, &data, filter.as_ref(), limits)?;
@@ -273,7 +284,12 @@ fn eval(args: EvalArgs) -> Result<ExitCode, PolicyCliError> {
         .query
         .or_else(|| bundle_query(&bundle))
         .unwrap_or_else(|| crate::api::DEFAULT_QUERY.to_owned());
-    let mut engine = PolicyEngine::compile(&bundle.modules, &bundle.data, Limits::default())?;
+    let limits = Limits {
+        max_eval_time: std::time::Duration::from_millis(args.timeout_ms.max(1)),
+        strict_builtin_errors: args.strict_builtin_errors,
+        ..Limits::default()
+    };
+    let mut engine = PolicyEngine::compile(&bundle.modules, &bundle.data, limits)?;
     match engine.eval(&query, &input) {
         Ok(Some(value)) => {
             print(&value.to_string())?;

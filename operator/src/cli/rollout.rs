@@ -15,6 +15,7 @@ use serde_json::json;
 use thiserror::Error;
 
 use crate::api::{AuthorizationPolicy, Rollout, RolloutPhase, Verdict};
+use crate::controller::workload;
 use crate::controller::{
     ABORT_ANNOTATION, PAUSED_ANNOTATION, PROMOTE_ANNOTATION, RETRY_ANNOTATION,
 };
@@ -243,29 +244,48 @@ async fn rollout_command(
                     "{kind_name} {primary_name} does not exist yet: there is no promoted revision to go back to"
                 ))
             })?;
-            let mut template =
-                primary
-                    .data
-                    .pointer("/spec/template")
-                    .cloned()
-                    .ok_or_else(|| {
-                        RolloutCliError::Refused(format!(
-                            "{kind_name} {primary_name} has no pod template"
-                        ))
-                    })?;
-            // The primary's pods carry `<target>-primary` labels; the target's keep their own.
             let current = deployments.get_opt(target).await?.ok_or_else(|| {
                 RolloutCliError::Refused(format!("target {kind_name} {target} not found"))
             })?;
-            if let Some(labels) = current.data.pointer("/spec/template/metadata/labels") {
-                template["metadata"]["labels"] = labels.clone();
+            let template = workload::promoted_target_template(&primary.data, &current.data)
+                .ok_or_else(|| {
+                    RolloutCliError::Refused(format!(
+                        "{kind_name} {primary_name} has no pod template"
+                    ))
+                })?;
+            // The template must hash to the revision the primary records, or the operator would see a new
+            // release instead of the promoted one.
+            // `DynamicObject::data` lacks `metadata`, where the revision annotation is.
+            let recorded = serde_json::to_value(&primary)
+                .ok()
+                .and_then(|p| workload::primary_revision(&p));
+            let mut undone = current.data.clone();
+            undone["spec"]["template"] = template.clone();
+            let restored = workload::template_revision(&undone);
+            if recorded.is_none() || restored != recorded {
+                return Err(RolloutCliError::Refused(format!(
+                    "{kind_name} {primary_name} records revision {} but its pod template hashes to {}: \
+                     it was changed outside Sluice, so there is no promoted revision to restore",
+                    recorded.as_deref().unwrap_or("(none)"),
+                    restored.as_deref().unwrap_or("(none)"),
+                )));
             }
+            if current.data.pointer("/spec/template") == Some(&template) {
+                return done(
+                    &name,
+                    &format!("target {target} already runs the promoted revision"),
+                );
+            }
+            // Replace the template whole (a merge would keep keys the abandoned revision added), and only
+            // the version read above, so a concurrent edit is not overwritten.
+            let resource_version = current.resource_version().unwrap_or_default();
+            let patch: json_patch::Patch = serde_json::from_value(json!([
+                {"op": "test", "path": "/metadata/resourceVersion", "value": resource_version},
+                {"op": "replace", "path": "/spec/template", "value": template},
+            ]))
+            .map_err(|err| RolloutCliError::Refused(format!("cannot build the patch: {err}")))?;
             deployments
-                .patch(
-                    target,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"spec": {"template": template}})),
-                )
+                .patch(target, &PatchParams::default(), &Patch::Json::<()>(patch))
                 .await?;
             done(
                 &name,

@@ -14,7 +14,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher::{self, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -97,6 +97,9 @@ struct Context {
     failures: Mutex<HashMap<ObjectRef<AuthorizationPolicy>, u32>>,
 }
 
+/// The AuthorizationPolicy controller's name in `/readyz`.
+pub const READY_COMPONENT: &str = "authorizationpolicies";
+
 /// Runs the AuthorizationPolicy controller until the watch streams end.
 pub async fn run(client: Client, store: BundleStore, telemetry: Arc<Telemetry>) {
     let policies: Api<AuthorizationPolicy> = Api::all(client.clone());
@@ -110,7 +113,8 @@ pub async fn run(client: Client, store: BundleStore, telemetry: Arc<Telemetry>) 
     });
     // Deletions do not trigger reconciles: a metadata-only watch stops serving deleted policies.
     let deletions = tokio::spawn(forget_deleted_policies(client.clone(), store.clone()));
-    let controller = Controller::new(policies, watcher::Config::default());
+    let controller =
+        super::watched_controller(policies, context.telemetry.clone(), READY_COMPONENT);
     let by_configmap = controller.store();
     let by_deployment = controller.store();
     let by_statefulset = controller.store();
@@ -239,6 +243,7 @@ pub fn bundle_metadata(policy: &AuthorizationPolicy) -> serde_json::Value {
             "query": policy.spec.query,
             "mode": match policy.spec.mode { PolicyMode::Enforce => "enforce", PolicyMode::DryRun => "dryRun" },
             "failOpen": policy.spec.fail_open,
+            "strictBuiltinErrors": policy.spec.strict_builtin_errors,
         }
     })
 }
@@ -527,7 +532,10 @@ async fn reconcile(policy: Arc<AuthorizationPolicy>, ctx: Arc<Context>) -> Resul
             match cached {
                 Some(outcome) => outcome,
                 None => {
-                    let limits = ctx.limits;
+                    let limits = Limits {
+                        strict_builtin_errors: policy.spec.strict_builtin_errors,
+                        ..ctx.limits
+                    };
                     let outcome = tokio::task::spawn_blocking(move || {
                         build(&modules, &data, metadata, limits)
                     })
@@ -990,20 +998,13 @@ mod tests {
     }
 
     #[test]
-    fn failing_tests_and_oversized_bundles_are_reported() {
+    fn failing_tests_and_missing_modules_are_reported() {
         let failing = Err(Rejection::Tests("1 of 3 tests failed".into()));
         let status = desired_status(None, &observation(&failing, None));
         assert_eq!(condition(&status, "Compiled"), ("True", "Compiled"));
         assert_eq!(condition(&status, "TestsPassed"), ("False", "TestsFailed"));
         assert_eq!(condition(&status, "Ready"), ("False", "NoRevision"));
         assert_eq!(status.revision, None);
-
-        let too_big = Err(Rejection::Bundle("the bundle is 2000000 bytes".into()));
-        let status = desired_status(None, &observation(&too_big, None));
-        assert_eq!(
-            condition(&status, "Distributed"),
-            ("False", "BundleRejected")
-        );
 
         let missing = Err(Rejection::ModuleNotFound(
             "ConfigMap \"rego\" not found".into(),
@@ -1120,6 +1121,72 @@ mod tests {
         let other =
             build(&modules[..1], &json!({}), json!({}), Limits::default()).expect("accepted");
         assert_ne!(built.revision, other.revision);
+    }
+
+    /// `spec.data` holding `raw` bytes that gzip cannot shrink (a xorshift stream, base64-encoded).
+    fn incompressible_data(raw: usize) -> serde_json::Value {
+        use base64::Engine;
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let bytes: Vec<u8> = (0..raw)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 32) as u8
+            })
+            .collect();
+        json!({"blob": base64::engine::general_purpose::STANDARD.encode(bytes)})
+    }
+
+    /// The real size check of `build`: a bundle that fits in a ConfigMap is accepted, one that does not is
+    /// refused with its size, and the status says the bundle was rejected.
+    #[test]
+    fn a_bundle_too_big_for_a_configmap_is_rejected() {
+        let modules = [
+            module("authz.rego", GOOD),
+            module("authz_test.rego", GOOD_TEST),
+        ];
+        let fits = build(
+            &modules,
+            &incompressible_data(MAX_CONFIGMAP_BUNDLE_BYTES / 2),
+            json!({}),
+            Limits::default(),
+        )
+        .expect("half the limit is accepted");
+        assert!(fits.bytes.len() <= MAX_CONFIGMAP_BUNDLE_BYTES);
+        assert!(
+            fits.bytes.len() > MAX_CONFIGMAP_BUNDLE_BYTES / 2,
+            "the data did not stay incompressible: {} bytes",
+            fits.bytes.len()
+        );
+
+        let too_big = build(
+            &modules,
+            &incompressible_data(MAX_CONFIGMAP_BUNDLE_BYTES + MAX_CONFIGMAP_BUNDLE_BYTES / 10),
+            json!({}),
+            Limits::default(),
+        );
+        let message = match &too_big {
+            Err(Rejection::Bundle(message)) => message.clone(),
+            other => panic!(
+                "expected the bundle to be rejected, got {:?}",
+                other.as_ref().map(|a| a.bytes.len())
+            ),
+        };
+        let size: usize = message
+            .strip_prefix("the bundle is ")
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no size in {message:?}"));
+        assert!(size > MAX_CONFIGMAP_BUNDLE_BYTES, "{message}");
+        assert!(message.contains("a ConfigMap can hold"), "{message}");
+
+        let status = desired_status(None, &observation(&too_big, None));
+        assert_eq!(
+            condition(&status, "Distributed"),
+            ("False", "BundleRejected")
+        );
+        assert_eq!(status.revision, None);
     }
 
     #[test]

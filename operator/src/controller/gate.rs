@@ -73,16 +73,40 @@ pub fn evaluate(
     Ok((allowed, reasons))
 }
 
-/// Asks every gate of the Rollout, in order; the first denial wins.
+/// Asks every gate of the Rollout, in order; the first denial wins. Gates fail closed: a gate that cannot
+/// be asked (its namespace or ConfigMap unreadable, a policy that does not compile or errs) denies. A read
+/// the API server refused holds the release and is retried (it is not a decision, so `onDeny: rollback`
+/// does not apply); a missing or broken policy is a denial like any other.
 pub async fn ask_gates(client: &Client, rollout: &Rollout, verdicts: &[MetricVerdict]) -> Gate {
     let namespace = rollout.namespace().unwrap_or_default();
-    let namespace_labels = Api::<Namespace>::all(client.clone())
+    let Some(first) = rollout.spec.analysis.policies.first() else {
+        return Gate::Allowed(Vec::new());
+    };
+    // Policies decide on the namespace's labels (the shipped gate asks for an approval in production), so
+    // labels that cannot be read must not read as "no labels".
+    let namespace_labels = match Api::<Namespace>::all(client.clone())
         .get_opt(&namespace)
         .await
-        .ok()
-        .flatten()
-        .map(|n| n.labels().clone())
-        .unwrap_or_default();
+    {
+        Ok(Some(ns)) => ns.labels().clone(),
+        Ok(None) => {
+            return Gate::Denied {
+                by: format!("policy {}", first.name),
+                reasons: vec![format!("namespace {namespace:?} not found")],
+                rollback: false,
+            };
+        }
+        Err(err) => {
+            return Gate::Denied {
+                by: format!("policy {}", first.name),
+                reasons: vec![format!(
+                    "cannot read the labels of namespace {namespace:?} for the gate input: {err}; \
+                     the operator needs `get` on namespaces"
+                )],
+                rollback: false,
+            };
+        }
+    };
     let input = gate_input(rollout, &namespace_labels, verdicts, jiff::Timestamp::now());
     let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
     let mut allowed = Vec::new();
@@ -106,7 +130,16 @@ pub async fn ask_gates(client: &Client, rollout: &Rollout, verdicts: &[MetricVer
                     policy.config_map_ref.name
                 )]);
             }
-            Err(err) => return denied(vec![format!("cannot read the policy: {err}")]),
+            Err(err) => {
+                return Gate::Denied {
+                    by: format!("policy {}", policy.name),
+                    reasons: vec![format!(
+                        "cannot read ConfigMap {:?}: {err}",
+                        policy.config_map_ref.name
+                    )],
+                    rollback: false,
+                };
+            }
         };
         if modules.is_empty() {
             return denied(vec![format!(

@@ -16,6 +16,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -149,6 +150,33 @@ impl Context {
     }
 }
 
+/// The Rollout controller's name in `/readyz`.
+pub const READY_COMPONENT: &str = "rollouts";
+
+/// A controller of `api`'s objects, exactly what `Controller::new` builds (a reflector feeding the applied
+/// objects), except that the watch's first complete list marks `component` ready in `/readyz`.
+/// (`Store::wait_until_ready` cannot be awaited beside the controller: its one-shot wakes one waiter only.)
+pub fn watched_controller<K>(
+    api: Api<K>,
+    telemetry: Arc<Telemetry>,
+    component: &'static str,
+) -> Controller<K>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Unpin,
+{
+    let (reader, writer) = kube::runtime::reflector::store();
+    let stream =
+        kube::runtime::reflector(writer, watcher::watcher(api, watcher::Config::default()))
+            .inspect(move |event| {
+                if matches!(event, Ok(watcher::Event::InitDone)) {
+                    telemetry.set_ready(component);
+                }
+            })
+            .applied_objects();
+    Controller::for_stream(stream, reader)
+}
+
 /// Runs the Rollout controller until the watch streams end.
 pub async fn run(
     client: Client,
@@ -175,10 +203,9 @@ pub async fn run(
         failures: Default::default(),
         refusals: Default::default(),
     });
-    let controller = Controller::new(rollouts, watcher::Config::default());
+    let controller = watched_controller(rollouts, telemetry.clone(), READY_COMPONENT);
     let store = controller.store();
     let statefulset_store = store.clone();
-    telemetry.set_ready();
     controller
         // A change of the target or the primary wakes the Rollout that points at it.
         .watches(
@@ -975,6 +1002,7 @@ async fn invalid_spec(
             jiff::Timestamp::now(),
         );
         version = write_status(rollout, ctx, &next, version).await?;
+        ctx.telemetry.transition("InvalidSpec");
         let event = Event {
             type_: EventType::Warning,
             reason: "InvalidSpec".into(),
@@ -1006,25 +1034,32 @@ async fn cleanup(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
     let names = Names::of(rollout);
     let (deployments, target, primary) = workloads(rollout, &names, ctx).await?;
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &names.namespace);
-    if let Some(target) = target {
-        let replicas = primary.as_ref().map(workload::replicas).unwrap_or(1).max(1);
-        if workload::replicas(&target) == 0 {
-            scale(&deployments, &names.target, replicas).await?;
-        }
-        // The apex Service is the user's entry point: it stays, selecting the user's pods again.
-        let selector = workload::selector_labels(&target);
-        let object = workload::service(rollout, &names, &names.service, &selector, None);
+    let router = router_for(rollout.spec.provider);
+    let plan = workload::cleanup(
+        rollout,
+        &names,
+        router.api_resource(),
+        target.as_ref(),
+        primary.as_ref(),
+    );
+    if let Some(replicas) = plan.scale_target_to {
+        scale(&deployments, &names.target, replicas).await?;
+    }
+    if let Some(object) = plan.apex_service {
         services
             .patch(&names.service, &patch_params(), &Patch::Apply(object))
             .await?;
     }
-    let router = router_for(rollout.spec.provider);
+    let (route, route_name) = &plan.route;
     let routes: Api<DynamicObject> =
-        Api::namespaced_with(ctx.client.clone(), &names.namespace, &router.api_resource());
-    delete_if_present(&routes, &names.service).await?;
-    delete_if_present(&services, &names.service_primary).await?;
-    delete_if_present(&services, &names.service_canary).await?;
-    delete_if_present(&deployments, &names.primary).await?;
+        Api::namespaced_with(ctx.client.clone(), &names.namespace, route);
+    delete_if_present(&routes, route_name).await?;
+    for name in &plan.services {
+        delete_if_present(&services, name).await?;
+    }
+    for name in &plan.workloads {
+        delete_if_present(&deployments, name).await?;
+    }
     let metrics: Vec<String> = rollout
         .spec
         .analysis

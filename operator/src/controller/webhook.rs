@@ -362,9 +362,10 @@ mod tests {
         (format!("http://{addr}/"), calls)
     }
 
+    /// The client the controller calls hooks with (`Context::webhooks`), not a default one.
     fn client() -> reqwest::Client {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        reqwest::Client::new()
+        super::client()
     }
 
     fn hook(url: &str, retries: u32, timeout: &str) -> Webhook {
@@ -427,6 +428,69 @@ mod tests {
         )
         .await;
         assert!(refused.is_err_and(|why| !why.is_empty()));
+    }
+
+    /// A hook that answers with a redirect is saying no: the production client must not follow it to a
+    /// URL nobody configured (where a 2xx would count as a yes), and it says who is calling.
+    #[tokio::test]
+    async fn a_redirect_is_the_answer_and_never_followed() {
+        use axum::http::{HeaderMap, StatusCode, header};
+        use std::sync::{Arc, Mutex};
+        let agents = Arc::new(Mutex::new(Vec::<String>::new()));
+        let elsewhere_calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (seen, reached) = (agents.clone(), elsewhere_calls.clone());
+        let app = axum::Router::new()
+            .route(
+                "/",
+                axum::routing::post(move |headers: HeaderMap| {
+                    let seen = seen.clone();
+                    async move {
+                        let agent = headers
+                            .get(header::USER_AGENT)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned();
+                        seen.lock().expect("lock").push(agent);
+                        // 307 keeps the method and body: a client that follows it POSTs the payload on.
+                        (
+                            StatusCode::TEMPORARY_REDIRECT,
+                            [(header::LOCATION, "/elsewhere")],
+                        )
+                    }
+                }),
+            )
+            .route(
+                "/elsewhere",
+                axum::routing::any(move || {
+                    let reached = reached.clone();
+                    async move {
+                        reached.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        StatusCode::OK
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let answer = call(
+            &client(),
+            &hook(&format!("http://{addr}/"), 0, "5s"),
+            &json!({"name": "podinfo"}),
+        )
+        .await;
+        assert_eq!(answer, Err("HTTP 307".to_owned()));
+        assert_eq!(
+            elsewhere_calls.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "the redirect was followed"
+        );
+        assert_eq!(
+            *agents.lock().expect("lock"),
+            vec![format!("sluice/{}", env!("CARGO_PKG_VERSION"))]
+        );
     }
 
     #[test]

@@ -124,6 +124,33 @@ pub fn primary_labels(target: &Value) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The target's pod template of the revision `primary` runs: the inverse of [`primary_workload`], which
+/// copied that template and gave the selector labels a `-primary` suffix. `sluice rollout undo` writes it
+/// back whole, so nothing the abandoned revision added survives. `None` when the primary has no template.
+pub fn promoted_target_template(primary: &Value, target: &Value) -> Option<Value> {
+    let mut template = primary
+        .pointer("/spec/template")
+        .filter(|t| t.is_object())?
+        .clone();
+    let selector = selector_labels(target);
+    if !selector.is_empty() {
+        let labels = template["metadata"]["labels"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        let restored = labels
+            .into_iter()
+            .chain(
+                selector
+                    .into_iter()
+                    .map(|(key, value)| (key, Value::String(value))),
+            )
+            .collect::<serde_json::Map<_, _>>();
+        template["metadata"]["labels"] = Value::Object(restored);
+    }
+    Some(template)
+}
+
 fn managed_labels() -> Value {
     json!({ MANAGED_BY_LABEL.0: MANAGED_BY_LABEL.1 })
 }
@@ -243,6 +270,51 @@ pub fn service(
             "ports": [{"name": "http", "port": port, "targetPort": target_port, "protocol": "TCP"}],
         }
     })
+}
+
+/// What the finalizer does when a Rollout is deleted: traffic goes back to the user's workload and what
+/// Sluice created goes away. Pure, so it can be tested; the controller's `cleanup` carries it out in order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cleanup {
+    /// Replicas the target is scaled back to, when it sits at 0 (between releases).
+    pub scale_target_to: Option<i32>,
+    /// The apex Service, applied (not deleted: it is the user's entry point) selecting the target's pods.
+    pub apex_service: Option<Value>,
+    /// The route object: resource and name.
+    pub route: (ApiResource, String),
+    /// The `-primary` and `-canary` Services.
+    pub services: Vec<String>,
+    /// The `<target>-primary` workload (of the target's kind).
+    pub workloads: Vec<String>,
+}
+
+/// The cleanup of `rollout`, whose route objects are `route`, given the live target and primary (as JSON).
+pub fn cleanup(
+    rollout: &Rollout,
+    names: &Names,
+    route: ApiResource,
+    target: Option<&Value>,
+    primary: Option<&Value>,
+) -> Cleanup {
+    let scale_target_to = target
+        .filter(|t| replicas(t) == 0)
+        .map(|_| primary.map(replicas).unwrap_or(1).max(1));
+    let apex_service = target.map(|target| {
+        service(
+            rollout,
+            names,
+            &names.service,
+            &selector_labels(target),
+            None,
+        )
+    });
+    Cleanup {
+        scale_target_to,
+        apex_service,
+        route: (route, names.service.clone()),
+        services: vec![names.service_primary.clone(), names.service_canary.clone()],
+        workloads: vec![names.primary.clone()],
+    }
 }
 
 /// Whether a live Service already selects and exposes what `desired` says.
@@ -382,6 +454,68 @@ mod tests {
             primary["spec"]["template"]["spec"]["containers"][0]["image"],
             "podinfo:1"
         );
+    }
+
+    fn names(target: &str) -> Names {
+        Names {
+            namespace: "test".into(),
+            target: target.into(),
+            primary: format!("{target}-primary"),
+            service: target.into(),
+            service_primary: format!("{target}-primary"),
+            service_canary: format!("{target}-canary"),
+        }
+    }
+
+    #[test]
+    fn the_promoted_template_is_recovered_exactly_from_the_primary() {
+        let promoted = target("podinfo:1");
+        let owner = OwnerReference::default();
+        let primary = primary_workload(
+            &names("podinfo"),
+            TargetKind::Deployment,
+            &promoted,
+            None,
+            3,
+            &owner,
+        );
+        // The next revision changes the image, adds a restart annotation and a label, and drops one.
+        let mut next = target("podinfo:2");
+        let template = &mut next["spec"]["template"];
+        template["metadata"]["annotations"] =
+            json!({"kubectl.kubernetes.io/restartedAt": "2026-12-07T06:00:00Z"});
+        template["metadata"]["labels"] = json!({"app": "podinfo", "canary-only": "yes"});
+        let restored = promoted_target_template(&primary, &next).expect("a template");
+        assert_eq!(restored, promoted["spec"]["template"]);
+        let mut undone = next.clone();
+        undone["spec"]["template"] = restored;
+        assert_eq!(template_revision(&undone), primary_revision(&primary));
+    }
+
+    proptest::proptest! {
+        /// Whatever the promoted template's labels and annotations, undo's template hashes to the revision
+        /// recorded on the primary.
+        #[test]
+        fn undo_restores_the_recorded_revision(
+            labels in proptest::collection::btree_map("[a-z]{1,8}", "[a-z0-9]{0,8}", 0..4),
+            annotations in proptest::collection::btree_map("[a-z./]{1,12}", ".{0,12}", 0..4),
+            extra in proptest::collection::btree_map("[a-z]{1,8}", "[a-z0-9]{0,8}", 0..4),
+        ) {
+            let mut promoted = target("podinfo:1");
+            let mut all = labels.clone();
+            all.insert("app".into(), "podinfo".into());
+            promoted["spec"]["template"]["metadata"]["labels"] = json!(all);
+            promoted["spec"]["template"]["metadata"]["annotations"] = json!(annotations);
+            let primary = primary_workload(
+                &names("podinfo"), TargetKind::Deployment, &promoted, None, 3, &OwnerReference::default(),
+            );
+            let mut next = target("podinfo:2");
+            next["spec"]["template"]["metadata"]["annotations"] = json!(extra);
+            let mut undone = next.clone();
+            undone["spec"]["template"] = promoted_target_template(&primary, &next).expect("a template");
+            proptest::prop_assert_eq!(template_revision(&undone), template_revision(&promoted));
+            proptest::prop_assert_eq!(template_revision(&undone), primary_revision(&primary));
+        }
     }
 
     #[test]

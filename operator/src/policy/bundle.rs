@@ -1055,7 +1055,6 @@ mod tests {
     use super::*;
     use flate2::write::GzEncoder;
     use serde_json::json;
-    use std::time::{Duration, Instant};
 
     fn module(path: &str, package: &str) -> Module {
         Module {
@@ -1510,7 +1509,6 @@ mod tests {
             max_uncompressed_bytes: 8 << 20,
             ..LoadLimits::default()
         };
-        let start = Instant::now();
         let err = Bundle::from_tar_gz(
             &bomb,
             &LoadOptions {
@@ -1523,7 +1521,6 @@ mod tests {
             matches!(err, BundleError::UncompressedTooLarge { limit } if limit == 8 << 20),
             "{err}"
         );
-        assert!(start.elapsed() < Duration::from_secs(10));
         // A single header claiming 1 GiB is refused before any content is read.
         let h = fixed_header(tar::EntryType::Regular, b"/big.rego", 1 << 30).expect("h");
         let err = load_err(&gz(h.as_bytes()));

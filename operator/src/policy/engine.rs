@@ -2,18 +2,18 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
 use regorus::unstable::{Expr, Literal, Module as Ast, Query, Rule, RuleHead};
-use regorus::utils::limits::ExecutionTimerConfig;
+use regorus::utils::limits::{ExecutionTimerConfig, PolicyLengthConfig};
 use regorus::{Engine, LimitError, Value};
 use serde::Deserialize as _;
 
 use super::{Module, jwt};
 
-/// Per-evaluation resource limits for untrusted policies.
+/// Per-evaluation resource limits for untrusted policies, and how builtin errors surface.
 ///
 /// regorus' interpreter enforces a cooperative wall-clock budget; it has no instruction
 /// counter (only its RVM does) and memory limits need a process-global mimalloc allocator,
@@ -25,6 +25,9 @@ pub struct Limits {
     pub max_eval_time: Duration,
     /// Largest array `numbers.range` / `numbers.range_step` may produce.
     pub max_range_elements: u64,
+    /// OPA's `--strict-builtin-errors`: a builtin error fails the evaluation instead of making the
+    /// call undefined. Off by default, as in OPA.
+    pub strict_builtin_errors: bool,
 }
 
 impl Default for Limits {
@@ -32,7 +35,20 @@ impl Default for Limits {
         Self {
             max_eval_time: Duration::from_millis(100),
             max_range_elements: 100_000,
+            strict_builtin_errors: false,
         }
+    }
+}
+
+/// Source size limits. OPA has none; regorus' defaults (1,024 columns, 20,000 lines, 1 MiB) refuse
+/// real policies that inline PEM certificates, JWKS or tokens on one line. A module is bounded by the
+/// bundle's per-file limit instead (16 MiB), and a line only by its module.
+fn policy_length_config() -> PolicyLengthConfig {
+    const MAX_MODULE_BYTES: usize = 16 << 20;
+    PolicyLengthConfig {
+        max_col: NonZeroU32::MAX,
+        max_file_bytes: NonZeroUsize::new(MAX_MODULE_BYTES).unwrap_or(NonZeroUsize::MIN),
+        max_lines: NonZeroUsize::new(MAX_MODULE_BYTES).unwrap_or(NonZeroUsize::MIN),
     }
 }
 
@@ -136,6 +152,9 @@ pub enum EvalError {
     Input(String),
     #[error("{0}")]
     Policy(Diagnostic),
+    /// A builtin failed in strict mode (OPA's `eval_builtin_error`); the message starts with its name.
+    #[error("{0}")]
+    Builtin(Diagnostic),
     #[error("policy evaluation failed: {0}")]
     Other(String),
 }
@@ -158,6 +177,8 @@ pub struct PolicyEngine {
     engine: Engine,
     packages: Arc<[String]>,
     rules: Arc<[RuleInfo]>,
+    /// Builtins Sluice adds, to tell their errors apart.
+    extensions: Arc<[&'static str]>,
     limits: Limits,
     /// Keep `print()` output for [`PolicyEngine::take_prints`] (the test runner) instead of logging it.
     keep_prints: bool,
@@ -171,7 +192,7 @@ const _: fn() = || {
 
 /// Builtins we add on top of regorus (and overrides that sandbox regorus' own).
 fn register_extensions(engine: &mut Engine, limits: Limits) -> Result<Vec<&'static str>, String> {
-    let mut names = jwt::register(engine)?;
+    let mut names = jwt::register(engine, limits.strict_builtin_errors)?;
     let max = limits.max_range_elements;
     let ext = |e: &mut Engine, name: &'static str, n: u8, f: Box<dyn regorus::Extension>| {
         e.add_extension(name.into(), n, f)
@@ -218,10 +239,14 @@ fn range(args: &[Value], max: u64, name: &str) -> anyhow::Result<Value> {
     };
     let step = match args.get(2) {
         None => 1,
-        Some(s) => match int(Some(s)) {
-            Some(s) if s > 0 => s,
-            Some(_) => anyhow::bail!("{name}: step must be a positive number above zero"),
-            None => return Ok(Value::Undefined),
+        Some(s) => match (int(Some(s)), s) {
+            (Some(s), _) if s > 0 => s,
+            // An integer step beyond i64 (OPA has big integers) spans any range in one step.
+            (None, Value::Number(n)) if n.is_integer() && n.is_positive() => i64::MAX,
+            (Some(_), _) | (None, Value::Number(_)) if s.as_f64().is_ok_and(|f| f <= 0.0) => {
+                anyhow::bail!("{name}: step must be a positive integer")
+            }
+            _ => return Ok(Value::Undefined),
         },
     };
     let count = (a.abs_diff(b) / step.unsigned_abs()).saturating_add(1);
@@ -229,9 +254,10 @@ fn range(args: &[Value], max: u64, name: &str) -> anyhow::Result<Value> {
         anyhow::bail!("{name}: {count} elements exceeds the limit of {max}");
     }
     let dir = if b >= a { step } else { -step };
+    // Every element lies between a and b, so it fits i64; i128 keeps the intermediate from overflowing.
     Ok(Value::from(
-        (0..count as i64)
-            .map(|i| Value::from(a + i * dir))
+        (0..count as i128)
+            .map(|i| Value::from((i128::from(a) + i * i128::from(dir)) as i64))
             .collect::<Vec<_>>(),
     ))
 }
@@ -248,7 +274,8 @@ impl PolicyEngine {
         };
         let mut engine = Engine::new();
         engine.set_rego_v0(false);
-        engine.set_strict_builtin_errors(false);
+        engine.set_strict_builtin_errors(limits.strict_builtin_errors);
+        engine.set_policy_length_config(policy_length_config());
         engine.set_gather_prints(true);
         engine.set_execution_timer_config(ExecutionTimerConfig {
             limit: limits.max_eval_time,
@@ -299,6 +326,7 @@ impl PolicyEngine {
             engine,
             packages: packages.into(),
             rules: rules.into(),
+            extensions: extensions.into(),
             limits,
             keep_prints: false,
         })
@@ -352,6 +380,25 @@ impl PolicyEngine {
                 .map(Some)
                 .map_err(|e| EvalError::Other(e.to_string())),
         }
+    }
+
+    /// OPA's result set of a query: the bindings of its variables, one object per solution
+    /// (`[{}]` for a query that is true without variables, `[]` when undefined).
+    pub fn query_bindings(
+        &mut self,
+        query: &str,
+        input: &serde_json::Value,
+    ) -> Result<Vec<serde_json::Value>, EvalError> {
+        let input = Value::deserialize(input).map_err(|e| EvalError::Input(e.to_string()))?;
+        self.engine.set_input(input);
+        let results = self.engine.eval_query(query.to_string(), false);
+        self.flush_prints();
+        let results = results.map_err(|e| self.eval_error(e, query))?;
+        results
+            .result
+            .iter()
+            .map(|r| serde_json::to_value(&r.bindings).map_err(|e| EvalError::Other(e.to_string())))
+            .collect()
     }
 
     /// Hot path: evaluate one rule (e.g. `data.envoy.authz.allow`) on a regorus input value.
@@ -412,6 +459,15 @@ impl PolicyEngine {
             };
         }
         match Diagnostic::from_regorus(&msg) {
+            Some(d)
+                if self.extensions.iter().any(|name| {
+                    d.message
+                        .strip_prefix(name)
+                        .is_some_and(|rest| rest.starts_with(": "))
+                }) =>
+            {
+                EvalError::Builtin(d)
+            }
             Some(d) => EvalError::Policy(d),
             None => EvalError::Other(msg.trim().to_string()),
         }
@@ -729,7 +785,6 @@ fn visit_expr(e: &Expr, f: &mut dyn FnMut(&Expr)) {
 mod tests {
     use super::*;
     use serde_json::json;
-    use std::time::Instant;
 
     fn module(path: &str, source: &str) -> Module {
         Module {
@@ -953,15 +1008,12 @@ reason := sprintf("user %s", [input.user])
             "package p\n\nbig := count([y | some y in numbers.range(1, 1e9)])\nslow := count([1 | some i in numbers.range(1, 5000); some j in numbers.range(1, 5000)])\nok := count(numbers.range(1, 1000))\n",
         )
         .unwrap();
-        let t = Instant::now();
+        // Outcomes only: how fast the refusals come is for benchmarks, not for a debug build on a busy machine.
         let err = e.eval_value("data.p.big", Value::new_object()).unwrap_err();
         assert!(
             err.to_string().contains("exceeds the limit of 100000"),
             "{err}"
         );
-        assert!(t.elapsed() < Duration::from_millis(50));
-
-        let t = Instant::now();
         let err = e
             .eval_value("data.p.slow", Value::new_object())
             .unwrap_err();
@@ -971,11 +1023,77 @@ reason := sprintf("user %s", [input.user])
                 limit: Duration::from_millis(100)
             }
         );
-        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
         // The engine stays usable after a timeout.
         assert_eq!(
             e.eval_value("data.p.ok", Value::new_object()).unwrap(),
             Some(Value::from(1000))
+        );
+    }
+
+    #[test]
+    fn extensions_take_an_output_argument_like_builtins() {
+        // OPA's form `f(args..., out)`: the last argument receives (or is compared with) the result.
+        let mut e = compile(
+            "package p\n\nparts := [h, c] if {\n  io.jwt.decode(input.t, [h, c, _])\n}\nsame if io.jwt.decode(input.t, io.jwt.decode(input.t))\nnot_it if not io.jwt.decode(input.t, [1, 2, 3])\n",
+        )
+        .unwrap();
+        let input = json!({"t": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln"});
+        assert_eq!(
+            e.eval("data.p.parts", &input).unwrap(),
+            Some(json!([{"alg": "HS256"}, {"sub": "a"}]))
+        );
+        assert_eq!(e.eval("data.p.same", &input).unwrap(), Some(json!(true)));
+        assert_eq!(e.eval("data.p.not_it", &input).unwrap(), Some(json!(true)));
+        let bindings = e
+            .query_bindings("io.jwt.decode(input.t, [_, c, _])", &input)
+            .unwrap();
+        assert_eq!(bindings, vec![json!({"c": {"sub": "a"}})]);
+    }
+
+    #[test]
+    fn long_lines_compile_like_in_opa() {
+        // regorus refuses lines over 1,024 columns by default; inlined certificates are longer.
+        let long = "a".repeat(100_000);
+        let mut e = compile(&format!("package p\n\nx := count(\"{long}\")\n")).unwrap();
+        assert_eq!(
+            e.eval("data.p.x", &json!({})).unwrap(),
+            Some(json!(100_000))
+        );
+    }
+
+    #[test]
+    fn strict_builtin_errors_fail_the_evaluation() {
+        let src = "package p\n\nx := io.jwt.decode(\"nope\")\ny := to_number(\"abc\")\n";
+        let mut lenient = compile(src).unwrap();
+        assert_eq!(lenient.eval("data.p.x", &json!({})).unwrap(), None);
+        let strict = Limits {
+            strict_builtin_errors: true,
+            ..Limits::default()
+        };
+        let mut e = PolicyEngine::compile(&[module("p.rego", src)], &json!({}), strict).unwrap();
+        match e.eval("data.p.x", &json!({})).unwrap_err() {
+            EvalError::Builtin(d) => assert_eq!(
+                (d.line, d.message.as_str()),
+                (3, "io.jwt.decode: encoded JWT had no period separators")
+            ),
+            other => panic!("expected a builtin error, got {other:?}"),
+        }
+        // regorus' own builtins follow the same switch.
+        assert!(e.eval("data.p.y", &json!({})).is_err());
+    }
+
+    #[test]
+    fn range_step_accepts_big_steps_and_names_bad_ones_like_opa() {
+        let mut e =
+            compile("package p\n\nbig := numbers.range_step(0, 10, 99999999999999999999)\n")
+                .unwrap();
+        assert_eq!(e.eval("data.p.big", &json!({})).unwrap(), Some(json!([0])));
+        let mut e = compile("package p\n\nneg := numbers.range_step(0, 10, -2)\n").unwrap();
+        let err = e.eval("data.p.neg", &json!({})).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("numbers.range_step: step must be a positive integer"),
+            "{err}"
         );
     }
 

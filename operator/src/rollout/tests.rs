@@ -34,6 +34,8 @@ enum Health {
     Bad,
     NoData,
     Unavailable,
+    /// One verdict per metric, in spec order (metrics past the last entry get the last one).
+    Each([Verdict; 2]),
 }
 
 /// The world the controller would see: workloads that follow the desired state, metrics that follow `health`.
@@ -47,6 +49,8 @@ struct World {
     /// What the webhooks answer when the controller calls them.
     hooks: HookAnswers,
     log: Vec<(Plan, Checks)>,
+    /// Beside each `log` entry: the status the planner started from, and the time it planned at.
+    history: Vec<(RolloutStatus, Timestamp)>,
 }
 
 impl World {
@@ -63,6 +67,7 @@ impl World {
             health: Health::Good,
             hooks: HookAnswers::default(),
             log: Vec::new(),
+            history: Vec::new(),
         }
     }
 
@@ -70,22 +75,34 @@ impl World {
         if !checks_due(&self.spec, &self.status, &self.observed, self.now) {
             return Checks::NotRun;
         }
-        let verdict = match self.health {
-            Health::Good => (Verdict::Pass, Some(99.9)),
-            Health::Bad => (Verdict::Fail, Some(80.0)),
-            Health::NoData => (Verdict::NoData, None),
-            Health::Unavailable => return Checks::Unavailable("connection refused".into()),
+        let verdict_of = |index: usize| match self.health {
+            Health::Good => Verdict::Pass,
+            Health::Bad => Verdict::Fail,
+            Health::NoData => Verdict::NoData,
+            Health::Each(verdicts) => verdicts[index.min(verdicts.len() - 1)],
+            Health::Unavailable => Verdict::NoData,
         };
+        if self.health == Health::Unavailable {
+            return Checks::Unavailable("connection refused".into());
+        }
         Checks::Ran(
             self.spec
                 .analysis
                 .metrics
                 .iter()
-                .map(|m| MetricVerdict {
-                    name: m.name.clone(),
-                    verdict: verdict.0,
-                    value: verdict.1,
-                    checked_at: Time(self.now),
+                .enumerate()
+                .map(|(index, m)| {
+                    let verdict = verdict_of(index);
+                    MetricVerdict {
+                        name: m.name.clone(),
+                        verdict,
+                        value: match verdict {
+                            Verdict::Pass => Some(99.9),
+                            Verdict::Fail => Some(80.0),
+                            Verdict::NoData => None,
+                        },
+                        checked_at: Time(self.now),
+                    }
                 })
                 .collect(),
         )
@@ -93,6 +110,7 @@ impl World {
 
     /// One reconcile, then the world converges to what was asked, then `dt` passes.
     fn tick(&mut self, dt: Duration) -> Plan {
+        let before = self.status.clone();
         let checks = self.checks();
         // The controller calls only the hooks that are due.
         let due = hooks_due(&self.spec, &self.status, &self.observed);
@@ -143,6 +161,7 @@ impl World {
             self.observed.promote_requested = false;
             self.observed.command = None;
         }
+        self.history.push((before, self.now));
         self.log.push((plan.clone(), checks));
         self.now += jiff::SignedDuration::try_from(dt).expect("duration");
         plan
@@ -177,6 +196,19 @@ impl World {
             .collect()
     }
 
+    /// Ticks with `health` until the planner has been handed one check's results; returns that plan.
+    fn judge_once(&mut self, health: Health) -> Plan {
+        self.health = health;
+        for _ in 0..600 {
+            let ran = matches!(self.checks(), Checks::Ran(_));
+            let plan = self.tick(Duration::from_secs(1));
+            if ran {
+                return plan;
+            }
+        }
+        panic!("no check ran in 600s: {:?}", self.status.message)
+    }
+
     fn new_revision(&mut self, revision: &str) {
         self.observed.target_revision = Some(revision.into());
         self.observed.canary_ready = false;
@@ -188,6 +220,7 @@ fn initialized(spec: RolloutSpec) -> World {
     world.run(3);
     assert_eq!(world.phase(), Some(RolloutPhase::Initialized));
     world.log.clear();
+    world.history.clear();
     world
 }
 
@@ -314,6 +347,97 @@ fn no_data_holds_and_the_deadline_rolls_back() {
             .as_deref()
             .is_some_and(|m| m.contains("no progress within 60s"))
     );
+}
+
+/// Analysis with two metrics (the second with `onNoData: second_no_data`), a threshold of 2 and the given
+/// failure counting.
+fn two_metric_spec(counting: &str, second_no_data: &str) -> RolloutSpec {
+    spec(json!({
+        "interval": "5s", "threshold": 2, "stepWeights": [10, 20, 30, 40],
+        "failureCounting": counting,
+        "metrics": [
+            {"name": "request-success-rate", "thresholdRange": {"min": 99}},
+            {"name": "request-duration", "thresholdRange": {"max": 500}, "onNoData": second_no_data}
+        ]
+    }))
+}
+
+#[test]
+fn consecutive_counting_forgives_failures_a_pass_follows_and_cumulative_does_not() {
+    for counting in ["cumulative", "consecutive"] {
+        let mut world = initialized(two_metric_spec(counting, "hold"));
+        world.new_revision("r2");
+        assert_eq!(world.judge_once(Health::Bad).status.failed_checks, 1);
+        let passed = world.judge_once(Health::Good);
+        assert_eq!(
+            passed.status.failed_checks,
+            if counting == "consecutive" { 0 } else { 1 },
+            "{counting}: a passing check"
+        );
+        assert_eq!(
+            passed.status.canary_weight.get(),
+            20,
+            "{counting}: moved on"
+        );
+        // The second failure reaches the threshold only when the first one still counts.
+        let second = world.judge_once(Health::Bad);
+        let rolled_back = second.transitions.iter().any(|t| t.reason == "RolledBack");
+        assert_eq!(rolled_back, counting == "cumulative", "{counting}");
+        assert_eq!(
+            world.phase(),
+            Some(if counting == "cumulative" {
+                RolloutPhase::Failed
+            } else {
+                RolloutPhase::Progressing
+            })
+        );
+    }
+}
+
+#[test]
+fn no_data_fails_the_check_only_for_a_metric_with_on_no_data_fail() {
+    for policy in ["hold", "fail"] {
+        let mut world = initialized(two_metric_spec("cumulative", policy));
+        world.new_revision("r2");
+        // The first metric passes; the second has no data.
+        let quiet = Health::Each([Verdict::Pass, Verdict::NoData]);
+        let first = world.judge_once(quiet);
+        let second = world.judge_once(quiet);
+        let message = second.status.message.clone().unwrap_or_default();
+        if policy == "fail" {
+            assert_eq!(first.status.failed_checks, 1);
+            assert_eq!(world.phase(), Some(RolloutPhase::Failed));
+            assert!(message.contains("request-duration: no data"), "{message}");
+        } else {
+            assert_eq!(second.status.failed_checks, 0);
+            assert_eq!(world.phase(), Some(RolloutPhase::Progressing));
+            assert_eq!(
+                world.status.canary_weight.get(),
+                10,
+                "held at the first step"
+            );
+            assert!(message.starts_with("holding at 10%"), "{message}");
+        }
+    }
+}
+
+#[test]
+fn every_metric_is_read_whichever_one_fails() {
+    for verdicts in [
+        [Verdict::Pass, Verdict::Fail],
+        [Verdict::Fail, Verdict::Pass],
+    ] {
+        let mut world = initialized(two_metric_spec("cumulative", "hold"));
+        world.new_revision("r2");
+        world.judge_once(Health::Each(verdicts));
+        world.judge_once(Health::Each(verdicts));
+        assert_eq!(world.phase(), Some(RolloutPhase::Failed), "{verdicts:?}");
+        assert!(
+            world.weights().iter().all(|w| *w <= 10),
+            "{verdicts:?}: never moved past the first step: {:?}",
+            world.weights()
+        );
+    }
 }
 
 #[test]
@@ -449,15 +573,23 @@ fn arbitrary_spec() -> impl Strategy<Value = RolloutSpec> {
             .prop_map(|ws| json!({"stepWeights": ws.into_iter().collect::<Vec<_>>()})),
         (1u32..4).prop_map(|n| json!({"iterations": n})),
     ];
-    (strategy, 1u64..6, 1u32..4, any::<bool>(), any::<bool>(), 20u32..90).prop_map(
-        |(strategy, interval, threshold, fail_on_no_data, consecutive, deadline)| {
+    let on_no_data = || prop_oneof![Just("hold"), Just("fail")];
+    (
+        strategy,
+        1u64..6,
+        1u32..6,
+        (on_no_data(), on_no_data()),
+        any::<bool>(),
+        20u32..90,
+    )
+        .prop_map(|(strategy, interval, threshold, (first, second), consecutive, deadline)| {
             let mut analysis = json!({
                 "interval": format!("{interval}s"),
                 "threshold": threshold,
                 "failureCounting": if consecutive { "consecutive" } else { "cumulative" },
                 "metrics": [
-                    {"name": "request-success-rate", "thresholdRange": {"min": 99}, "onNoData": if fail_on_no_data { "fail" } else { "hold" }},
-                    {"name": "request-duration", "thresholdRange": {"max": 500}}
+                    {"name": "request-success-rate", "thresholdRange": {"min": 99}, "onNoData": first},
+                    {"name": "request-duration", "thresholdRange": {"max": 500}, "onNoData": second}
                 ]
             });
             if let (Some(a), Some(s)) = (analysis.as_object_mut(), strategy.as_object()) {
@@ -466,17 +598,55 @@ fn arbitrary_spec() -> impl Strategy<Value = RolloutSpec> {
             let mut spec = spec(analysis);
             spec.progress_deadline_seconds = deadline;
             spec
-        },
-    )
+        })
 }
 
+fn verdict() -> impl Strategy<Value = Verdict> {
+    prop_oneof![
+        Just(Verdict::Pass),
+        Just(Verdict::Fail),
+        Just(Verdict::NoData)
+    ]
+}
+
+/// Metrics that agree (all good, all bad, …) and metrics that disagree, one verdict each: a planner that
+/// judged by one metric alone, or by the first, must meet the second kind.
 fn health() -> impl Strategy<Value = Health> {
     prop_oneof![
-        Just(Health::Good),
-        Just(Health::Bad),
-        Just(Health::NoData),
-        Just(Health::Unavailable)
+        1 => Just(Health::Good),
+        1 => Just(Health::Bad),
+        1 => Just(Health::NoData),
+        1 => Just(Health::Unavailable),
+        4 => proptest::array::uniform2(verdict()).prop_map(Health::Each),
     ]
+}
+
+/// What one judged check must do to the failure count, by the spec's rules written out independently of
+/// the planner: a metric fails the check when it fails or (with `onNoData: fail`) has no data; a check with
+/// no failure but some metric without data holds; only a check where every metric passed moves on, and
+/// with `failureCounting: consecutive` it forgives the failures before it.
+#[derive(Debug, PartialEq)]
+enum Judgement {
+    Failed,
+    Held,
+    Passed,
+}
+
+fn judgement(spec: &RolloutSpec, verdicts: &[MetricVerdict]) -> Judgement {
+    let of = |name: &str| verdicts.iter().find(|v| v.name == name).map(|v| v.verdict);
+    let metrics = &spec.analysis.metrics;
+    let fails = |m: &crate::api::Metric| match of(&m.name) {
+        Some(Verdict::Pass) => false,
+        Some(Verdict::Fail) => true,
+        Some(Verdict::NoData) | None => m.on_no_data == crate::api::NoDataPolicy::Fail,
+    };
+    if metrics.iter().any(fails) {
+        Judgement::Failed
+    } else if metrics.iter().all(|m| of(&m.name) == Some(Verdict::Pass)) {
+        Judgement::Passed
+    } else {
+        Judgement::Held
+    }
 }
 
 proptest! {
@@ -484,24 +654,48 @@ proptest! {
 
     /// Whatever the metrics do: weights stay in [0, max], a promotion follows only a stage whose every metric
     /// passed, no-data never advances, a rollback leaves 100% primary with the canary at 0, and the release
-    /// ends (promoted or rolled back) once the deadline has had time to act.
+    /// ends (promoted or rolled back) once the deadline has had time to act. Every judged check moves the
+    /// failure count as `judgement` says (`onNoData`, `failureCounting`), rolls back exactly when the count
+    /// reaches the threshold, and moves on exactly when every metric passed.
     #[test]
-    fn planner_invariants(spec in arbitrary_spec(), healths in proptest::collection::vec(health(), 1..12), ready in any::<bool>()) {
+    fn planner_invariants(
+        spec in arbitrary_spec(),
+        // Each health lasts from part of an interval to a few: checks that disagree follow each other.
+        healths in proptest::collection::vec((health(), 1u64..15), 1..24),
+        ready in any::<bool>(),
+    ) {
         let mut world = initialized(spec.clone());
         world.canary_can_be_ready = ready;
         world.new_revision("r2");
         let ladder = stages(&spec.analysis);
         let cap = stages::max_weight(&ladder);
-        let per_health = 20u64;
-        for h in &healths {
+        for (h, seconds) in &healths {
             world.health = *h;
-            world.run(per_health);
+            world.run(*seconds);
         }
         // Give the deadline room to act, with metrics stuck at no data.
         world.health = Health::NoData;
         world.run(u64::from(spec.progress_deadline_seconds) + 10);
 
-        for (plan, checks) in &world.log {
+        let consecutive = spec.analysis.failure_counting == crate::api::FailureCounting::Consecutive;
+        let threshold = spec.analysis.threshold.max(1);
+        for ((plan, checks), (before, now)) in world.log.iter().zip(&world.history) {
+            // A check the planner judged (not one a deadline overtook) is stamped with the time it ran.
+            if let Checks::Ran(verdicts) = checks
+                && plan.status.last_check_time == Some(Time(*now))
+            {
+                let judged = judgement(&spec, verdicts);
+                let expected = match judged {
+                    Judgement::Failed => before.failed_checks + 1,
+                    Judgement::Passed if consecutive => 0,
+                    Judgement::Passed | Judgement::Held => before.failed_checks,
+                };
+                prop_assert_eq!(plan.status.failed_checks, expected, "{:?} after {} failed checks: {:?}", judged, before.failed_checks, verdicts);
+                let rolled_back = plan.transitions.iter().any(|t| t.reason == "RolledBack");
+                prop_assert_eq!(rolled_back, judged == Judgement::Failed && expected >= threshold, "{:?} at {}/{}", judged, expected, threshold);
+                let moved_on = plan.status.iterations > before.iterations;
+                prop_assert_eq!(moved_on, judged == Judgement::Passed, "{:?}: {:?}", judged, verdicts);
+            }
             if let Some(d) = plan.desired {
                 // Blue-green sends everything to the judged canary while the primary takes its version.
                 let switched = plan.status.phase == Some(RolloutPhase::Promoting)

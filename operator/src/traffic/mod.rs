@@ -682,6 +682,92 @@ pub(crate) mod tests {
         }
     }
 
+    /// What deleting the Rollout does to this mesh's routing, from the controller's own cleanup plan: the
+    /// route object the release wrote is deleted, with the Services it sent traffic to, and the apex Service
+    /// selects the user's workload again.
+    fn finalize(router: &dyn Router, target: &RouteTarget) -> Value {
+        use crate::controller::workload::{Names, cleanup};
+        let provider = router.provider();
+        // The workload is named apart from the service, so a cleanup that confused the two shows.
+        let rollout: crate::api::Rollout = serde_json::from_value(json!({
+            "apiVersion": "sluice.dev/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "podinfo", "namespace": target.namespace},
+            "spec": {
+                "provider": provider,
+                "targetRef": {"kind": "Deployment", "name": "podinfo-app"},
+                "service": {"name": target.apex, "port": target.port},
+                "analysis": {"interval": "1m", "stepWeight": 10},
+            },
+        }))
+        .expect("rollout");
+        let selector = json!({"app": "podinfo-app", "tier": "web"});
+        let workload = json!({"spec": {"replicas": 0, "selector": {"matchLabels": selector}}});
+        let primary = json!({"spec": {"replicas": 3}});
+        let names = Names::of(&rollout);
+        let plan = cleanup(
+            &rollout,
+            &names,
+            router.api_resource(),
+            Some(&workload),
+            Some(&primary),
+        );
+        // The route deleted is the object the release wrote.
+        let written = router.desired(target, split(10));
+        let (resource, name) = &plan.route;
+        assert_eq!(
+            (
+                resource.api_version.as_str(),
+                resource.kind.as_str(),
+                names.namespace.as_str(),
+                name.as_str()
+            ),
+            (
+                written["apiVersion"].as_str().unwrap_or_default(),
+                written["kind"].as_str().unwrap_or_default(),
+                written["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default(),
+                written["metadata"]["name"].as_str().unwrap_or_default()
+            ),
+            "{provider:?}: finalize deletes another object than the route"
+        );
+        // So are the Services it sent traffic to; the apex stays, selecting the user's pods.
+        for service in [&target.primary, &target.canary] {
+            assert!(
+                written.to_string().contains(&format!("\"{service}")),
+                "{provider:?}: the route does not name {service}"
+            );
+            assert!(
+                plan.services.contains(service),
+                "{provider:?}: {service} is left behind"
+            );
+        }
+        assert!(!plan.services.contains(&target.apex));
+        let apex = plan.apex_service.clone().unwrap_or_default();
+        assert_eq!(apex["metadata"]["name"], target.apex.as_str());
+        assert_eq!(
+            apex["spec"]["selector"], selector,
+            "{provider:?}: the apex must select the user's workload again"
+        );
+        assert_eq!(
+            plan.scale_target_to,
+            Some(3),
+            "{provider:?}: the workload takes the primary's replicas back"
+        );
+        let mut deleted = vec![format!(
+            "{}/{} {}/{name}",
+            resource.api_version, resource.kind, names.namespace
+        )];
+        deleted.extend(plan.services.iter().map(|s| format!("v1/Service {s}")));
+        let kind = rollout.spec.target_ref.kind.name();
+        deleted.extend(plan.workloads.iter().map(|w| format!("apps/v1/{kind} {w}")));
+        json!({
+            "delete": deleted,
+            "apply": {"apexService": apex["metadata"]["name"], "selector": apex["spec"]["selector"]},
+            "scaleTargetTo": plan.scale_target_to,
+        })
+    }
+
     /// Router conformance: every router goes through the same release (initialize, 10%, 50%, promote,
     /// rollback, finalize) and its objects are snapshotted side by side; each step must read back as the
     /// split it was written for, and a finalized route is deleted.
@@ -718,10 +804,7 @@ pub(crate) mod tests {
                 release.insert(step.to_owned(), object["spec"].clone());
                 previous = Some(object);
             }
-            release.insert(
-                "finalize".to_owned(),
-                json!("route object deleted; apex Service selects the target again"),
-            );
+            release.insert("finalize".to_owned(), finalize(router.as_ref(), &target));
             let resource = router.api_resource();
             insta::assert_yaml_snapshot!(
                 format!(
