@@ -24,6 +24,7 @@ fn ctx(target: &str) -> QueryContext {
         interval: "10s".into(),
         variables: BTreeMap::new(),
         statefulset: false,
+        stage_age: None,
     }
 }
 
@@ -35,6 +36,7 @@ fn metric(name: &str, min: Option<f64>, max: Option<f64>, min_requests: Option<u
         interval: None,
         min_requests,
         on_no_data: NoDataPolicy::Hold,
+        dry_run: false,
         template_variables: Default::default(),
     }
 }

@@ -332,6 +332,7 @@ mod tests {
                 checked_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                     jiff::Timestamp::UNIX_EPOCH,
                 ),
+                dry_run: false,
             }],
             ..status
         };

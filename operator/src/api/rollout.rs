@@ -505,6 +505,10 @@ pub struct Metric {
     /// Values for `{{ variables.NAME }}` in `query` (Flagger's `templateVariables`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub template_variables: std::collections::BTreeMap<String, String>,
+    /// Measure and report this metric (status, Events) without letting it decide anything: to try a new
+    /// metric on real releases first (Argo Rollouts' `dryRun`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// Bounds a metric's value must stay within to pass.
@@ -649,6 +653,9 @@ pub struct MetricVerdict {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<f64>,
     pub checked_at: Time,
+    /// A dry-run metric: reported, never gating.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// Outcome of one check. No data is never a pass.

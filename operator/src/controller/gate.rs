@@ -35,6 +35,7 @@ pub fn gate_input(
             "name": v.name,
             "value": v.value,
             "verdict": v.verdict,
+            "dryRun": v.dry_run,
         })).collect::<Vec<_>>(),
         "now": now.to_string(),
     })
@@ -231,6 +232,7 @@ mod tests {
             checked_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                 jiff::Timestamp::UNIX_EPOCH,
             ),
+            dry_run: false,
         }];
         let input = gate_input(
             &rollout(json!({})),
@@ -242,7 +244,7 @@ mod tests {
         assert_eq!(input["rollout"]["revision"], "abc");
         assert_eq!(
             input["metrics"][0],
-            json!({"name": "request-success-rate", "value": 99.5, "verdict": "pass"})
+            json!({"name": "request-success-rate", "value": 99.5, "verdict": "pass", "dryRun": false})
         );
         assert_eq!(input["now"], "1970-01-01T00:00:00Z");
     }

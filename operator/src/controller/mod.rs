@@ -83,7 +83,13 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("Rollout {0} has no namespace")]
     NoNamespace(String),
+    /// The mesh's route CRD is not installed; the message says which and what to install.
+    #[error("{0}")]
+    RouteApiMissing(String),
 }
+
+/// The condition that says whether the mesh's route resource can be written.
+const MESH_READY: &str = "MeshReady";
 
 /// Shared state of the reconcilers.
 pub struct Context {
@@ -442,9 +448,18 @@ async fn apply(cached: &Rollout, ctx: &Context) -> Result<Action, Error> {
     let now = jiff::Timestamp::now();
     // A step is judged only once the mesh applies its split: until Consul reports the splitter Synced,
     // metrics would describe the previous split.
-    let checks = if checks_due(&rollout.spec, &status, &observed, now)
-        && route_synced(rollout, &names, ctx).await?
-    {
+    let checks_are_due = checks_due(&rollout.spec, &status, &observed, now);
+    let synced = if checks_are_due {
+        match route_synced(rollout, &names, ctx).await {
+            Err(Error::RouteApiMissing(why)) => {
+                return mesh_missing(rollout, ctx, &status, why).await;
+            }
+            synced => synced?,
+        }
+    } else {
+        false
+    };
+    let checks = if checks_are_due && synced {
         run_checks(rollout, &names, ctx).await
     } else {
         Checks::NotRun
@@ -456,7 +471,10 @@ async fn apply(cached: &Rollout, ctx: &Context) -> Result<Action, Error> {
         observed.hooks.rollback_requested =
             webhook::rollback_requested(http, rollout, &status).await;
         // The gates are asked only when the checks would let the release move on.
-        if verdicts.iter().all(|v| v.verdict == Verdict::Pass)
+        if verdicts
+            .iter()
+            .filter(|v| !v.dry_run)
+            .all(|v| v.verdict == Verdict::Pass)
             && observed.hooks.rollout_failed.is_empty()
         {
             observed.gate = ask_gates(rollout, &status, verdicts, ctx).await;
@@ -472,19 +490,38 @@ async fn apply(cached: &Rollout, ctx: &Context) -> Result<Action, Error> {
         now,
     });
 
+    let mut next_status = plan.status.clone();
     if let (Some(desired), Some(target)) = (plan.desired, &target) {
-        converge(
+        let converged = converge(
             rollout,
             &names,
             ctx,
             desired,
             (&workload_api, target, primary.as_ref()),
         )
-        .await?;
+        .await;
+        if let Err(Error::RouteApiMissing(why)) = converged {
+            return mesh_missing(rollout, ctx, &status, why).await;
+        }
+        converged?;
+        if next_status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == MESH_READY && c.status != "True")
+        {
+            set_condition(
+                &mut next_status.conditions,
+                MESH_READY,
+                true,
+                "RouteApplied",
+                "the mesh's route resource is served and Sluice's route is applied",
+                generation,
+                now,
+            );
+        }
     }
     // Transitions enter the outbox in the same status write as the transition itself, so a restart between
     // here and a successful delivery still delivers.
-    let mut next_status = plan.status.clone();
     let alerts = alerts_of(rollout, ctx);
     let key = format!("{}/{}", names.namespace, rollout.name_any());
     for dropped in outbox::enqueue(&mut next_status, &alerts, &key, &plan.transitions, now) {
@@ -745,7 +782,13 @@ async fn deliver_outbox(
 
 /// Runs every metric of the analysis; any provider error freezes the rollout.
 async fn run_checks(rollout: &Rollout, names: &Names, ctx: &Context) -> Checks {
-    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now());
+    let clock = jiff::Timestamp::now();
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(clock);
+    // Windows start no earlier than the stage: only the revision on trial, at this weight, is judged.
+    let stage_age = rollout
+        .status
+        .as_ref()
+        .and_then(|status| crate::rollout::stage_age(status, clock));
     let mut verdicts = Vec::new();
     for metric in &rollout.spec.analysis.metrics {
         let window = metric
@@ -759,6 +802,7 @@ async fn run_checks(rollout: &Rollout, names: &Names, ctx: &Context) -> Checks {
             interval: window.0.clone(),
             variables: metric.template_variables.clone(),
             statefulset: rollout.spec.target_ref.kind == TargetKind::StatefulSet,
+            stage_age,
         };
         match ctx
             .prometheus
@@ -770,6 +814,7 @@ async fn run_checks(rollout: &Rollout, names: &Names, ctx: &Context) -> Checks {
                 verdict: observation.verdict,
                 value: observation.value.filter(|v| v.is_finite()),
                 checked_at: now.clone(),
+                dry_run: metric.dry_run,
             }),
             Err(err) => return Checks::Unavailable(err.to_string()),
         }
@@ -858,7 +903,9 @@ async fn converge(
     let route_target = route_target(rollout, names, owner.clone());
     let split = Split::with_canary(desired.canary_weight)
         .with_experiment(desired.experiment && !route_target.canary_routes.is_empty());
-    let live_route = routes.get_opt(&names.service).await?;
+    let missing = |err| route_error(err, rollout.spec.provider);
+    // A route that does not exist reads as `None`; a 404 left over means the resource itself is not served.
+    let live_route = routes.get_opt(&names.service).await.map_err(missing)?;
     let live_split = live_route
         .as_ref()
         .and_then(|r| serde_json::to_value(r).ok())
@@ -867,7 +914,8 @@ async fn converge(
         let object = router.desired(&route_target, split);
         routes
             .patch(&names.service, &patch_params(), &Patch::Apply(object))
-            .await?;
+            .await
+            .map_err(missing)?;
         if let Some(unsynced) = router.unsynced_status() {
             routes
                 .patch_status(
@@ -885,6 +933,17 @@ async fn converge(
         scale(deployments, &names.target, 0).await?;
     }
     Ok(())
+}
+
+/// A 404 on a route read that maps a missing object to `None`, or on an apply (which creates a missing object),
+/// means the cluster does not serve the route resource: the mesh's CRD is not installed.
+fn route_error(err: kube::Error, provider: crate::api::Provider) -> Error {
+    match err {
+        kube::Error::Api(status) if status.code == 404 => {
+            Error::RouteApiMissing(crate::traffic::missing_route_api(provider))
+        }
+        other => other.into(),
+    }
 }
 
 fn route_target(rollout: &Rollout, names: &Names, owner: OwnerReference) -> RouteTarget {
@@ -927,7 +986,10 @@ async fn route_synced(rollout: &Rollout, names: &Names, ctx: &Context) -> Result
     }
     let routes: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), &names.namespace, &router.api_resource());
-    let live = routes.get_opt(&names.service).await?;
+    let live = routes
+        .get_opt(&names.service)
+        .await
+        .map_err(|err| route_error(err, rollout.spec.provider))?;
     Ok(live
         .and_then(|r| serde_json::to_value(r).ok())
         .is_some_and(|v| router.synced(&v)))
@@ -1027,6 +1089,42 @@ async fn invalid_spec(
                 .min(Duration::from_secs(300))
         });
     Ok(Action::requeue(retry))
+}
+
+/// The mesh's route CRD is missing: says so in a condition, the status message and a Warning Event (once per
+/// change), leaves everything else as it was, and backs off (the error goes to `error_policy`).
+async fn mesh_missing(
+    rollout: &Rollout,
+    ctx: &Context,
+    status: &RolloutStatus,
+    why: String,
+) -> Result<Action, Error> {
+    let mut next = status.clone();
+    let generation = rollout.metadata.generation.unwrap_or(0);
+    next.message = Some(why.clone());
+    set_condition(
+        &mut next.conditions,
+        MESH_READY,
+        false,
+        "RouteAPIMissing",
+        &why,
+        generation,
+        jiff::Timestamp::now(),
+    );
+    if &next != status {
+        write_status(rollout, ctx, &next, rollout.resource_version()).await?;
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "RouteAPIMissing".into(),
+            note: Some(why.clone()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(err) = ctx.recorder.publish(&event, &rollout.object_ref(&())).await {
+            tracing::warn!(error = %err, "could not publish an Event");
+        }
+    }
+    Err(Error::RouteApiMissing(why))
 }
 
 /// A Rollout is being deleted: give the traffic back to the user's Deployment, then remove what Sluice made.

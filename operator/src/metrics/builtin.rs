@@ -130,6 +130,7 @@ mod tests {
             interval: "1m".into(),
             variables: Default::default(),
             statefulset: false,
+            stage_age: None,
         }
     }
 

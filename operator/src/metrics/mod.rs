@@ -13,7 +13,7 @@ mod verdict;
 
 pub use builtin::{MetricQueries, builtin};
 pub use prometheus::{Prometheus, ProviderError, install_crypto_provider};
-pub use query::{QueryContext, QueryError, promql_duration, render};
+pub use query::{QueryContext, QueryError, promql_duration, render, window};
 pub use verdict::judge;
 
 use crate::api::{Metric, Provider, Verdict};
@@ -34,7 +34,7 @@ pub struct Observation {
 
 /// The queries for `metric`: its own `query` template when it has one (so a user can override a builtin's
 /// PromQL under the builtin's name), else the builtin of that name. The window is the metric's `interval`,
-/// else `ctx.interval` (the analysis interval).
+/// else `ctx.interval` (the analysis interval), cut to `ctx.stage_age` ([`window`]).
 ///
 /// A custom query has no requests query, so `minRequests` does not apply to it.
 pub fn queries_for(
@@ -42,10 +42,11 @@ pub fn queries_for(
     metric: &Metric,
     ctx: &QueryContext,
 ) -> Result<MetricQueries, QueryError> {
-    let interval = match &metric.interval {
-        Some(own) => promql_duration(&own.0)?,
-        None => promql_duration(&ctx.interval)?,
-    };
+    let written = metric
+        .interval
+        .as_ref()
+        .map_or(ctx.interval.as_str(), |own| own.0.as_str());
+    let interval = window(written, ctx.stage_age)?;
     let ctx = QueryContext {
         interval,
         ..ctx.clone()
@@ -74,6 +75,7 @@ mod tests {
             interval: "1m".into(),
             variables: Default::default(),
             statefulset: false,
+            stage_age: None,
         }
     }
 
@@ -88,6 +90,7 @@ mod tests {
             interval: interval.map(|i| DurationString(i.into())),
             min_requests: Some(10),
             on_no_data: NoDataPolicy::Hold,
+            dry_run: false,
             template_variables: Default::default(),
         }
     }
@@ -113,6 +116,30 @@ mod tests {
         let m = metric(REQUEST_DURATION, None, Some("1.5m"));
         let queries = queries_for(Provider::Istio, &m, &ctx());
         assert!(queries.is_ok_and(|q| q.value.contains("[90s]") && !q.value.contains("[1m]")));
+    }
+
+    #[test]
+    fn builtins_and_custom_queries_count_only_the_current_stage() {
+        let young = QueryContext {
+            stage_age: Some(std::time::Duration::from_secs(20)),
+            ..ctx()
+        };
+        let builtin = queries_for(
+            Provider::Istio,
+            &metric(REQUEST_DURATION, None, None),
+            &young,
+        );
+        assert!(
+            builtin.as_ref().is_ok_and(|q| q.value.contains("[20s]")
+                && q.requests.as_deref().is_some_and(|r| r.contains("[20s]"))
+                && !q.value.contains("[1m]")),
+            "{builtin:?}"
+        );
+        let custom = metric("errors", Some("sum(rate(x[{{ interval }}]))"), Some("5m"));
+        assert_eq!(
+            queries_for(Provider::Istio, &custom, &young).map(|q| q.value),
+            Ok("sum(rate(x[20s]))".into())
+        );
     }
 
     #[test]

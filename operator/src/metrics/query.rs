@@ -22,6 +22,8 @@ pub struct QueryContext {
     pub variables: BTreeMap<String, String>,
     /// The target is a StatefulSet (pods named `<target>-<ordinal>`, Linkerd's `statefulset` label).
     pub statefulset: bool,
+    /// How long the current stage has run. The window never reaches back past it (see [`window`]).
+    pub stage_age: Option<std::time::Duration>,
 }
 
 /// A template that cannot become a query. Each names what to change.
@@ -115,6 +117,23 @@ pub fn promql_duration(interval: &str) -> Result<String, QueryError> {
     }
 }
 
+/// The query window for a metric written as `written`: the written length, cut to the time the current stage
+/// has run. A check must judge only the revision on trial at its current weight: a longer window would count
+/// a previous revision's errors against a fixed release pushed right after a rollback, or healthy traffic from
+/// before a bad release started in its favour. The cut window is whole seconds, rounded down (never reaching
+/// before the stage); the planner runs no check before one analysis interval has passed, so that is the
+/// shortest window.
+pub fn window(written: &str, stage_age: Option<std::time::Duration>) -> Result<String, QueryError> {
+    let full = promql_duration(written)?;
+    let length = parse_duration(written).ok_or_else(|| QueryError::BadInterval {
+        interval: written.to_owned(),
+    })?;
+    match stage_age {
+        Some(age) if age < length => Ok(format!("{}s", age.as_secs().max(1))),
+        _ => Ok(full),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +146,7 @@ mod tests {
             interval: "1m".into(),
             variables: BTreeMap::from([("code".into(), "5..".into())]),
             statefulset: false,
+            stage_age: None,
         }
     }
 
@@ -185,5 +205,38 @@ mod tests {
         assert_eq!(promql_duration("0.25s").as_deref(), Ok("250ms"));
         assert!(promql_duration("soon").is_err());
         assert!(promql_duration("0.0001s").is_err());
+    }
+
+    #[test]
+    fn the_window_is_cut_to_the_time_the_stage_has_run() {
+        let secs = |s: u64| Some(std::time::Duration::from_secs(s));
+        // A young stage: only its own seconds, rounded down.
+        assert_eq!(window("1m", secs(12)).as_deref(), Ok("12s"));
+        assert_eq!(
+            window("10s", Some(std::time::Duration::from_millis(2_900))).as_deref(),
+            Ok("2s")
+        );
+        // Never an empty window.
+        assert_eq!(window("1m", secs(0)).as_deref(), Ok("1s"));
+        // An old enough stage keeps the window as written (fractions made PromQL).
+        assert_eq!(window("1m", secs(60)).as_deref(), Ok("1m"));
+        assert_eq!(window("1.5m", secs(3600)).as_deref(), Ok("90s"));
+        assert_eq!(window("1m30s", None).as_deref(), Ok("1m30s"));
+        assert!(window("soon", secs(5)).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_window_never_reaches_before_the_stage_nor_past_its_length(
+            length in 1u64..7_200,
+            age_ms in 0u64..10_000_000,
+        ) {
+            let age = std::time::Duration::from_millis(age_ms);
+            let text = window(&format!("{length}s"), Some(age)).unwrap_or_default();
+            let seconds = parse_duration(&text).map(|d| d.as_secs()).unwrap_or(u64::MAX);
+            proptest::prop_assert!(seconds <= length, "{text} longer than {length}s");
+            proptest::prop_assert!(seconds <= age.as_secs().max(1), "{text} older than the stage ({age:?})");
+            proptest::prop_assert!(seconds >= 1);
+        }
     }
 }

@@ -57,6 +57,7 @@ mod tests {
             interval: None,
             min_requests,
             on_no_data: NoDataPolicy::Hold,
+            dry_run: false,
             template_variables: Default::default(),
         }
     }

@@ -185,6 +185,14 @@ fn elapsed(since: Option<&Time>, now: Timestamp) -> Duration {
         .unwrap_or(Duration::ZERO)
 }
 
+/// How long the current stage has run (its start is stored rounded up, so this never overstates it).
+pub fn stage_age(status: &RolloutStatus, now: Timestamp) -> Option<Duration> {
+    status
+        .stage_started_time
+        .as_ref()
+        .map(|started| elapsed(Some(started), now))
+}
+
 fn later_of<'a>(a: Option<&'a Time>, b: Option<&'a Time>) -> Option<&'a Time> {
     match (a, b) {
         (Some(x), Some(y)) => Some(if x.0 >= y.0 { x } else { y }),
@@ -975,12 +983,33 @@ fn judge(
 ) -> (Desired, Duration) {
     let interval = interval(spec);
     next.last_check_time = Some(stamp(now));
+    // A dry-run metric only reports: an Event when it turns failed, nothing that gates.
+    for metric in spec.analysis.metrics.iter().filter(|m| m.dry_run) {
+        let failed_now = verdicts
+            .iter()
+            .find(|v| v.name == metric.name)
+            .filter(|v| v.verdict == Verdict::Fail);
+        let failed_before = next
+            .verdicts
+            .iter()
+            .any(|v| v.name == metric.name && v.verdict == Verdict::Fail);
+        if let (Some(v), false) = (failed_now, failed_before) {
+            transitions.push(Transition {
+                warning: false,
+                reason: "DryRunMetricFailed",
+                message: format!(
+                    "dry-run metric failed at {weight}: {} (not gating)",
+                    describe(v)
+                ),
+            });
+        }
+    }
     next.verdicts = verdicts.to_vec();
     // A metric the spec asks for but the controller did not report is no data, never a pass.
     let verdict_of = |name: &str| verdicts.iter().find(|v| v.name == name);
     let mut failed = Vec::new();
     let mut held = Vec::new();
-    for metric in &spec.analysis.metrics {
+    for metric in spec.analysis.metrics.iter().filter(|m| !m.dry_run) {
         match verdict_of(&metric.name) {
             Some(v) if v.verdict == Verdict::Pass => {}
             Some(v) if v.verdict == Verdict::Fail => failed.push(describe(v)),

@@ -163,6 +163,7 @@ pub fn simulate(
                             verdict: crate::metrics::judge(metric, value, requests),
                             value: value.filter(|v| v.is_finite()),
                             checked_at: Time(now),
+                            dry_run: metric.dry_run,
                         }
                     })
                     .collect(),

@@ -102,6 +102,7 @@ impl World {
                             Verdict::NoData => None,
                         },
                         checked_at: Time(self.now),
+                        dry_run: m.dry_run,
                     }
                 })
                 .collect(),
@@ -441,6 +442,60 @@ fn every_metric_is_read_whichever_one_fails() {
 }
 
 #[test]
+fn a_dry_run_metric_is_reported_but_never_gates() {
+    let mut spec = two_metric_spec("cumulative", "fail");
+    spec.analysis.metrics[1].dry_run = true;
+    let mut world = initialized(spec);
+    world.new_revision("r2");
+    // The gating metric passes; the dry-run one fails, then has no data (onNoData: fail), then fails again.
+    let first = world.judge_once(Health::Each([Verdict::Pass, Verdict::Fail]));
+    assert_eq!(first.status.failed_checks, 0);
+    assert_eq!(first.status.canary_weight.get(), 20, "moved on");
+    let reported = first
+        .status
+        .verdicts
+        .iter()
+        .find(|v| v.name == "request-duration")
+        .map(|v| (v.verdict, v.dry_run));
+    assert_eq!(reported, Some((Verdict::Fail, true)), "shown in the status");
+    let dry_events = |plan: &Plan| {
+        plan.transitions
+            .iter()
+            .filter(|t| t.reason == "DryRunMetricFailed")
+            .map(|t| t.message.clone())
+            .collect::<Vec<_>>()
+    };
+    let events = dry_events(&first);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(
+        events[0].contains("request-duration 80.00") && events[0].contains("not gating"),
+        "{events:?}"
+    );
+    // Failing again is not news; failing after a non-failure is.
+    let again = world.judge_once(Health::Each([Verdict::Pass, Verdict::Fail]));
+    assert!(dry_events(&again).is_empty());
+    let quiet = world.judge_once(Health::Each([Verdict::Pass, Verdict::NoData]));
+    assert_eq!(
+        quiet.status.failed_checks, 0,
+        "no data on a dry-run metric never fails a check"
+    );
+    assert_eq!(
+        dry_events(&world.judge_once(Health::Each([Verdict::Pass, Verdict::Fail]))).len(),
+        1
+    );
+    world.run(120);
+    assert_eq!(world.phase(), Some(RolloutPhase::Succeeded));
+    // The gating metric still decides.
+    let mut spec = two_metric_spec("cumulative", "hold");
+    spec.analysis.metrics[1].dry_run = true;
+    let mut world = initialized(spec);
+    world.new_revision("r2");
+    world.judge_once(Health::Each([Verdict::Fail, Verdict::Pass]));
+    world.judge_once(Health::Each([Verdict::Fail, Verdict::Pass]));
+    assert_eq!(world.phase(), Some(RolloutPhase::Failed));
+}
+
+#[test]
 fn unavailable_metrics_freeze_then_roll_back_at_the_deadline() {
     let mut world = initialized(canary_spec());
     world.new_revision("r2");
@@ -581,8 +636,9 @@ fn arbitrary_spec() -> impl Strategy<Value = RolloutSpec> {
         (on_no_data(), on_no_data()),
         any::<bool>(),
         20u32..90,
+        (any::<bool>(), any::<bool>()),
     )
-        .prop_map(|(strategy, interval, threshold, (first, second), consecutive, deadline)| {
+        .prop_map(|(strategy, interval, threshold, (first, second), consecutive, deadline, (dry_first, dry_second))| {
             let mut analysis = json!({
                 "interval": format!("{interval}s"),
                 "threshold": threshold,
@@ -597,6 +653,9 @@ fn arbitrary_spec() -> impl Strategy<Value = RolloutSpec> {
             }
             let mut spec = spec(analysis);
             spec.progress_deadline_seconds = deadline;
+            // At least one metric gates (with none, no-data could not end the release at the deadline).
+            spec.analysis.metrics[0].dry_run = dry_first && !dry_second;
+            spec.analysis.metrics[1].dry_run = dry_second;
             spec
         })
 }
@@ -634,8 +693,14 @@ enum Judgement {
 
 fn judgement(spec: &RolloutSpec, verdicts: &[MetricVerdict]) -> Judgement {
     let of = |name: &str| verdicts.iter().find(|v| v.name == name).map(|v| v.verdict);
-    let metrics = &spec.analysis.metrics;
-    let fails = |m: &crate::api::Metric| match of(&m.name) {
+    // Dry-run metrics never gate.
+    let metrics: Vec<&crate::api::Metric> = spec
+        .analysis
+        .metrics
+        .iter()
+        .filter(|m| !m.dry_run)
+        .collect();
+    let fails = |m: &&crate::api::Metric| match of(&m.name) {
         Some(Verdict::Pass) => false,
         Some(Verdict::Fail) => true,
         Some(Verdict::NoData) | None => m.on_no_data == crate::api::NoDataPolicy::Fail,
@@ -706,11 +771,11 @@ proptest! {
             }
             let promoting = plan.transitions.iter().any(|t| t.reason == "Promoting");
             if promoting {
-                let all_passed = matches!(checks, Checks::Ran(vs) if spec.analysis.metrics.iter().all(|m| vs.iter().any(|v| v.name == m.name && v.verdict == Verdict::Pass)));
-                prop_assert!(all_passed, "promoted without every metric passing: {:?}", checks);
+                let all_passed = matches!(checks, Checks::Ran(vs) if spec.analysis.metrics.iter().filter(|m| !m.dry_run).all(|m| vs.iter().any(|v| v.name == m.name && v.verdict == Verdict::Pass)));
+                prop_assert!(all_passed, "promoted without every gating metric passing: {:?}", checks);
             }
             if let Checks::Ran(vs) = checks
-                && vs.iter().any(|v| v.verdict != Verdict::Pass) {
+                && vs.iter().any(|v| !v.dry_run && v.verdict != Verdict::Pass) {
                     prop_assert!(!plan.transitions.iter().any(|t| t.reason == "WeightChanged" || t.reason == "Promoting"),
                         "advanced on a check that was not a pass");
                 }

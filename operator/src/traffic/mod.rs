@@ -287,6 +287,52 @@ pub fn router_for(provider: Provider) -> Box<dyn Router> {
     }
 }
 
+/// What to tell a user whose cluster does not serve the route resource `provider` needs (its CRD is not
+/// installed): which resource, which field chose it, and what to install.
+pub fn missing_route_api(provider: Provider) -> String {
+    let resource = router_for(provider).api_resource();
+    let (name, install) = match provider {
+        Provider::Istio => (
+            "istio",
+            "install Istio (`istioctl install`, or the istio/base Helm chart for the CRDs alone)",
+        ),
+        Provider::GatewayApi => (
+            "gatewayapi",
+            "install the Gateway API CRDs (the standard channel's standard-install.yaml, v1.1 or later)",
+        ),
+        Provider::Linkerd => (
+            "linkerd",
+            "install the Gateway API CRDs Linkerd routes with (`linkerd install --crds`, or the Gateway API \
+             standard channel)",
+        ),
+        Provider::Smi | Provider::SmiV1alpha1 => (
+            if provider == Provider::Smi {
+                "smi"
+            } else {
+                "smi:v1alpha1"
+            },
+            "install the SMI TrafficSplit CRD (for Linkerd: `linkerd smi install`)",
+        ),
+        Provider::Consul => (
+            "consul",
+            "install Consul on Kubernetes with service mesh enabled (its Helm chart installs the \
+             ServiceSplitter CRD)",
+        ),
+    };
+    let group_version = if resource.group.is_empty() {
+        resource.version.clone()
+    } else {
+        format!("{}/{}", resource.group, resource.version)
+    };
+    format!(
+        "this cluster does not serve {kind} ({plural} in {group_version}), which spec.provider {name} routes \
+         traffic with: {install}, or set spec.provider to the mesh this cluster runs; Sluice retries within a \
+         minute once it is served",
+        kind = resource.kind,
+        plural = resource.plural,
+    )
+}
+
 /// Reads a JSON number as a weight; `None` for anything that is not an integer in 0..=100.
 fn weight_of(value: &Value) -> Option<Weight> {
     value
@@ -358,6 +404,57 @@ pub(crate) mod tests {
             uid: "6c1f3a52-1e0b-4c3e-9a57-2f1d5f9a0b11".into(),
             controller: Some(true),
             block_owner_deletion: Some(true),
+        }
+    }
+
+    #[test]
+    fn a_missing_route_api_names_the_resource_the_field_and_what_to_install() {
+        let cases = [
+            (
+                Provider::Istio,
+                "VirtualService (virtualservices in networking.istio.io/v1)",
+                "provider istio",
+                "istioctl install",
+            ),
+            (
+                Provider::GatewayApi,
+                "HTTPRoute (httproutes in gateway.networking.k8s.io/v1)",
+                "provider gatewayapi",
+                "Gateway API CRDs",
+            ),
+            (
+                Provider::Linkerd,
+                "HTTPRoute (httproutes in gateway.networking.k8s.io/v1)",
+                "provider linkerd",
+                "linkerd install --crds",
+            ),
+            (
+                Provider::Smi,
+                "TrafficSplit (trafficsplits in split.smi-spec.io/v1alpha2)",
+                "provider smi ",
+                "linkerd smi install",
+            ),
+            (
+                Provider::SmiV1alpha1,
+                "TrafficSplit (trafficsplits in split.smi-spec.io/v1alpha1)",
+                "provider smi:v1alpha1",
+                "TrafficSplit CRD",
+            ),
+            (
+                Provider::Consul,
+                "ServiceSplitter (servicesplitters in consul.hashicorp.com/v1alpha1)",
+                "provider consul",
+                "Consul on Kubernetes",
+            ),
+        ];
+        for (provider, resource, field, install) in cases {
+            let message = missing_route_api(provider);
+            for wanted in [resource, field, install, "spec.provider"] {
+                assert!(
+                    message.contains(wanted),
+                    "{provider:?}: {wanted:?} missing from {message}"
+                );
+            }
         }
     }
 
