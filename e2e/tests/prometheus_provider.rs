@@ -37,6 +37,8 @@ fn metric(name: &str, min: Option<f64>, max: Option<f64>, min_requests: Option<u
         min_requests,
         on_no_data: NoDataPolicy::Hold,
         dry_run: false,
+        primary_comparison: None,
+        template_ref: None,
         template_variables: Default::default(),
     }
 }

@@ -1858,6 +1858,226 @@ async fn back_to_back_releases_are_judged_only_on_their_own_traffic() {
     s.stop().await;
 }
 
+/// A metric judged against the primary (`primaryComparison`): when both versions share a flaky dependency, a
+/// canary as good as the primary is promoted although neither meets a 99% floor, and one a point and a half
+/// worse is rolled back although it stays above the absolute floor it also has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_canary_is_judged_against_the_primary() {
+    let analysis = json!({
+        "interval": "1s", "threshold": 2, "stepWeight": 20, "maxWeight": 60,
+        "metrics": [{
+            "name": "request-success-rate", "interval": "10s", "minRequests": 5,
+            "thresholdRange": {"min": 90}, "primaryComparison": {"minDelta": -1}
+        }]
+    });
+    let s = Scenario::start(Provider::Istio, analysis, 60).await;
+    let initialized = s.rollout().await.status.unwrap_or_default().revision;
+    let failing = |share: f64| WorkloadTraffic {
+        error_ratio: share,
+        ..WorkloadTraffic::healthy(50.0)
+    };
+    s.mesh.set("podinfo-primary", NS, failing(0.03));
+    s.mesh.set("podinfo", NS, failing(0.035));
+    s.release("podinfo:2", json!({})).await;
+    let as_good = next_outcome(&s, initialized).await;
+    assert_eq!(as_good.phase, Some(RolloutPhase::Succeeded), "{as_good:?}");
+    let verdict = as_good
+        .verdicts
+        .iter()
+        .find(|v| v.name == "request-success-rate")
+        .cloned()
+        .expect("a verdict");
+    assert!(
+        verdict
+            .primary_value
+            .is_some_and(|p| (p - 97.0).abs() < 0.5),
+        "the primary's value is reported: {verdict:?}"
+    );
+
+    s.mesh.set("podinfo", NS, failing(0.045));
+    s.release("podinfo:3", json!({})).await;
+    let worse = next_outcome(&s, as_good.revision.clone()).await;
+    assert_eq!(worse.phase, Some(RolloutPhase::Failed), "{worse:?}");
+    let message = worse.message.unwrap_or_default();
+    assert!(message.contains("(primary 97"), "{message}");
+    s.stop().await;
+}
+
+/// What an authenticating proxy in front of Prometheus (Mimir's gateway, an ingress with auth) saw.
+#[derive(Default)]
+struct ProxyLog {
+    served: std::sync::atomic::AtomicUsize,
+    refused: std::sync::atomic::AtomicUsize,
+}
+
+/// Starts a proxy to `upstream` on a free loopback port that forwards only requests carrying
+/// `Authorization: Bearer <token>` and `X-Scope-OrgID: <tenant>`, and answers 401 to the rest.
+async fn start_auth_proxy(
+    upstream: String,
+    token: &'static str,
+    tenant: &'static str,
+    log: Arc<ProxyLog>,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use axum::http::StatusCode;
+    use std::sync::atomic::Ordering;
+    let http = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+        let (http, upstream, log) = (http.clone(), upstream.clone(), log.clone());
+        async move {
+            // Owned values only: a borrow of the request (not Sync) must not live across an await.
+            let (parts, body) = request.into_parts();
+            let header = |name: &str| {
+                parts
+                    .headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let authorized = header("authorization") == Some(format!("Bearer {token}"))
+                && header("x-scope-orgid").as_deref() == Some(tenant);
+            if !authorized {
+                log.refused.fetch_add(1, Ordering::SeqCst);
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(axum::http::header::CONTENT_TYPE, "text/plain".to_owned())],
+                    "unauthorized".to_owned(),
+                );
+            }
+            log.served.fetch_add(1, Ordering::SeqCst);
+            let content_type = header("content-type").unwrap_or_default();
+            let target = format!(
+                "{upstream}{}",
+                parts
+                    .uri
+                    .path_and_query()
+                    .map(|p| p.as_str())
+                    .unwrap_or("/")
+            );
+            let method = parts.method.clone();
+            let body = axum::body::to_bytes(body, 1 << 20)
+                .await
+                .unwrap_or_default();
+            let mut forwarded = http.request(method, target).body(body);
+            if !content_type.is_empty() {
+                forwarded = forwarded.header("content-type", content_type);
+            }
+            match forwarded.send().await {
+                Ok(answer) => {
+                    let status = StatusCode::from_u16(answer.status().as_u16())
+                        .unwrap_or(StatusCode::BAD_GATEWAY);
+                    let kind = answer
+                        .headers()
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    (
+                        status,
+                        [(axum::http::header::CONTENT_TYPE, kind)],
+                        answer.text().await.unwrap_or_default(),
+                    )
+                }
+                Err(err) => (
+                    StatusCode::BAD_GATEWAY,
+                    [(axum::http::header::CONTENT_TYPE, "text/plain".to_owned())],
+                    err.to_string(),
+                ),
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a free loopback port");
+    let addr = listener.local_addr().expect("bound address");
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, task)
+}
+
+/// A `MetricTemplate` sends its query to its own server with the credentials of its Secret and its tenant
+/// header (a Prometheus behind an authenticating proxy), and a rotated, wrong token freezes the release with
+/// a message that says what to check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_metric_template_queries_an_authenticating_prometheus_with_its_secret() {
+    use std::sync::atomic::Ordering;
+    let analysis = json!({
+        "interval": "1s", "threshold": 2, "stepWeight": 20, "maxWeight": 60,
+        "metrics": [{"name": "tenant-success-rate", "templateRef": {"name": "tenant-success"},
+                     "interval": "10s", "thresholdRange": {"min": 99}}]
+    });
+    let s = Scenario::start(Provider::Istio, analysis, 60).await;
+    let initialized = s.rollout().await.status.unwrap_or_default().revision;
+    let log = Arc::new(ProxyLog::default());
+    let (proxy, proxy_task) =
+        start_auth_proxy(s.prometheus.url(), "s3cret", "tenant-a", log.clone()).await;
+    let selector = r#"reporter="destination",destination_workload_namespace="{{ namespace }}",destination_workload="{{ target }}""#;
+    let objects = [
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "metrics-auth", "namespace": NS},
+               "stringData": {"token": "s3cret"}}),
+        json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "MetricTemplate",
+        "metadata": {"name": "tenant-success", "namespace": NS},
+        "spec": {
+            "provider": {"type": "prometheus", "address": format!("http://{proxy}"),
+                         "secretRef": {"name": "metrics-auth"},
+                         "headers": {"X-Scope-OrgID": "tenant-a"}},
+            "query": format!(
+                "sum(rate(istio_requests_total{{{selector},response_code!~\"5.*\"}}[{{{{ interval }}}}])) / sum(rate(istio_requests_total{{{selector}}}[{{{{ interval }}}}])) * 100"
+            ),
+        }}),
+    ];
+    for object in objects {
+        let out = s
+            .cluster
+            .kubectl
+            .run_with_stdin(&["apply", "-f", "-"], &object.to_string());
+        assert!(out.success, "{}", out.stderr);
+    }
+
+    s.release("podinfo:2", json!({})).await;
+    let promoted = next_outcome(&s, initialized).await;
+    assert_eq!(
+        promoted.phase,
+        Some(RolloutPhase::Succeeded),
+        "{promoted:?}"
+    );
+    assert!(
+        log.served.load(Ordering::SeqCst) > 0 && log.refused.load(Ordering::SeqCst) == 0,
+        "the template's server was queried, always with the token and tenant: served {}, refused {}",
+        log.served.load(Ordering::SeqCst),
+        log.refused.load(Ordering::SeqCst)
+    );
+
+    // A wrong token: the release freezes (an error is not a verdict) and says what to check.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(s.client.clone(), NS);
+    secrets
+        .patch(
+            "metrics-auth",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"token": "d3Jvbmc="}})),
+        )
+        .await
+        .expect("token rotated");
+    s.release("podinfo:3", json!({})).await;
+    let message = s
+        .wait_for_message(
+            |m| m.contains("refused Sluice's query (401)"),
+            Duration::from_secs(30),
+        )
+        .await;
+    assert!(message.contains(&format!("http://{proxy}")), "{message}");
+    assert!(message.contains("secretRef"), "{message}");
+    assert_eq!(
+        s.rollout().await.status.and_then(|st| st.phase),
+        Some(RolloutPhase::Progressing),
+        "frozen, not rolled back"
+    );
+    assert!(log.refused.load(Ordering::SeqCst) > 0);
+    proxy_task.abort();
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_missing_mesh_crd_is_reported_then_picked_up_once_installed() {
     let cluster = cluster().await;

@@ -333,6 +333,7 @@ mod tests {
                     jiff::Timestamp::UNIX_EPOCH,
                 ),
                 dry_run: false,
+                primary_value: None,
             }],
             ..status
         };

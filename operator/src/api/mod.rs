@@ -11,11 +11,13 @@ mod authz;
 mod common;
 #[allow(clippy::duplicated_attributes)]
 mod rollout;
+mod template;
 
 pub use alert::*;
 pub use authz::*;
 pub use common::*;
 pub use rollout::*;
+pub use template::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -32,6 +34,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![
         AlertProvider::crd(),
         AuthorizationPolicy::crd(),
+        MetricTemplate::crd(),
         Rollout::crd(),
     ]
 }
@@ -544,6 +547,38 @@ mod tests {
             },
             RuleCases {
                 kind: "Rollout",
+                path: ".spec.analysis.metrics[].primaryComparison",
+                message: "primaryComparison needs maxDelta",
+                accept: vec![
+                    metric(
+                        json!({"name": "request-duration", "thresholdRange": {"max": 500}, "primaryComparison": {"maxRatio": 1.2}}),
+                    ),
+                    metric(
+                        json!({"name": "request-success-rate", "thresholdRange": {"min": 90}, "primaryComparison": {"minDelta": -0.5}}),
+                    ),
+                ],
+                reject: vec![metric(
+                    json!({"name": "request-duration", "thresholdRange": {"max": 500}, "primaryComparison": {}}),
+                )],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis.metrics[].primaryComparison",
+                message: "primaryComparison ratios must not be negative",
+                accept: vec![metric(
+                    json!({"name": "request-duration", "thresholdRange": {"max": 500}, "primaryComparison": {"minRatio": 0, "maxRatio": 1.5}}),
+                )],
+                reject: vec![
+                    metric(
+                        json!({"name": "request-duration", "thresholdRange": {"max": 500}, "primaryComparison": {"maxRatio": -1}}),
+                    ),
+                    metric(
+                        json!({"name": "request-duration", "thresholdRange": {"max": 500}, "primaryComparison": {"minRatio": -0.5}}),
+                    ),
+                ],
+            },
+            RuleCases {
+                kind: "Rollout",
                 path: ".spec.analysis.metrics[].thresholdRange",
                 message: "thresholdRange.min must not exceed",
                 accept: vec![metric(
@@ -563,9 +598,23 @@ mod tests {
                     metric(
                         json!({"name": "errors", "query": "sum(x)", "thresholdRange": {"max": 1}}),
                     ),
+                    metric(
+                        json!({"name": "errors", "templateRef": {"name": "errors"}, "thresholdRange": {"max": 1}}),
+                    ),
                 ],
                 reject: vec![metric(
                     json!({"name": "errors", "thresholdRange": {"max": 1}}),
+                )],
+            },
+            RuleCases {
+                kind: "Rollout",
+                path: ".spec.analysis.metrics[]",
+                message: "set query or templateRef, not both",
+                accept: vec![metric(
+                    json!({"name": "errors", "templateRef": {"name": "errors"}, "thresholdRange": {"max": 1}}),
+                )],
+                reject: vec![metric(
+                    json!({"name": "errors", "query": "sum(x)", "templateRef": {"name": "errors"}, "thresholdRange": {"max": 1}}),
                 )],
             },
             RuleCases {

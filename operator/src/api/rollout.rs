@@ -480,7 +480,10 @@ pub struct Pause {
 /// A check run at every interval.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.query) || self.name == 'request-success-rate' || self.name == 'request-duration'").message("a metric needs a query unless its name is a builtin (request-success-rate, request-duration)"))]
+#[x_kube(
+    validation = Rule::new("has(self.query) || has(self.templateRef) || self.name == 'request-success-rate' || self.name == 'request-duration'").message("a metric needs a query or a templateRef unless its name is a builtin (request-success-rate, request-duration)"),
+    validation = Rule::new("!(has(self.query) && has(self.templateRef))").message("set query or templateRef, not both"),
+)]
 pub struct Metric {
     /// Metric name; `request-success-rate` and `request-duration` are builtins.
     #[schemars(length(min = 1, max = 63))]
@@ -509,6 +512,46 @@ pub struct Metric {
     /// metric on real releases first (Argo Rollouts' `dryRun`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
+    /// A `MetricTemplate` whose query (and server, with its credentials) this metric uses instead of `query`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_ref: Option<super::TemplateRef>,
+    /// Also judge the canary against the primary: the same query with `{{ target }}` standing for the primary
+    /// workload, over the same window. `thresholdRange` still applies to the canary's own value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_comparison: Option<PrimaryComparison>,
+}
+
+/// How far the canary's value may stray from the primary's. Each bound set must hold.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.maxDelta) || has(self.minDelta) || has(self.maxRatio) || has(self.minRatio)").message("primaryComparison needs maxDelta, minDelta, maxRatio or minRatio"),
+    validation = Rule::new("(!has(self.maxRatio) || self.maxRatio >= 0.0) && (!has(self.minRatio) || self.minRatio >= 0.0)").message("primaryComparison ratios must not be negative"),
+)]
+pub struct PrimaryComparison {
+    /// `canary - primary` at most this, e.g. 0.5 for an error rate in percent: at most half a point worse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delta: Option<f64>,
+    /// `canary - primary` at least this, e.g. -0.5 for a success rate in percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_delta: Option<f64>,
+    /// `canary` at most this times `primary`, e.g. 1.2 for a p99 at most 20% above the primary's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ratio: Option<f64>,
+    /// `canary` at least this times `primary`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_ratio: Option<f64>,
+}
+
+impl PrimaryComparison {
+    /// Whether `canary` is close enough to `primary`. Written as "inside" so a NaN fails.
+    pub fn holds(&self, canary: f64, primary: f64) -> bool {
+        let delta = canary - primary;
+        self.max_delta.is_none_or(|max| delta <= max)
+            && self.min_delta.is_none_or(|min| delta >= min)
+            && self.max_ratio.is_none_or(|ratio| canary <= ratio * primary)
+            && self.min_ratio.is_none_or(|ratio| canary >= ratio * primary)
+    }
 }
 
 /// Bounds a metric's value must stay within to pass.
@@ -656,6 +699,9 @@ pub struct MetricVerdict {
     /// A dry-run metric: reported, never gating.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
+    /// The primary's value, for a metric judged against it (`primaryComparison`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_value: Option<f64>,
 }
 
 /// Outcome of one check. No data is never a pass.

@@ -36,6 +36,7 @@ pub fn gate_input(
             "value": v.value,
             "verdict": v.verdict,
             "dryRun": v.dry_run,
+            "primaryValue": v.primary_value,
         })).collect::<Vec<_>>(),
         "now": now.to_string(),
     })
@@ -233,6 +234,7 @@ mod tests {
                 jiff::Timestamp::UNIX_EPOCH,
             ),
             dry_run: false,
+            primary_value: None,
         }];
         let input = gate_input(
             &rollout(json!({})),
@@ -244,7 +246,7 @@ mod tests {
         assert_eq!(input["rollout"]["revision"], "abc");
         assert_eq!(
             input["metrics"][0],
-            json!({"name": "request-success-rate", "value": 99.5, "verdict": "pass", "dryRun": false})
+            json!({"name": "request-success-rate", "value": 99.5, "verdict": "pass", "dryRun": false, "primaryValue": null})
         );
         assert_eq!(input["now"], "1970-01-01T00:00:00Z");
     }

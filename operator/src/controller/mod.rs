@@ -103,6 +103,8 @@ pub struct Context {
     pub webhooks: reqwest::Client,
     /// Alert used by Rollouts that configure none (`--default-alert-provider`).
     pub default_alert: Option<RolloutAlert>,
+    /// Clients for `MetricTemplate` servers, by template uid and template and Secret resourceVersions.
+    template_servers: std::sync::Mutex<std::collections::HashMap<String, Prometheus>>,
     /// Consecutive failed reconciles per Rollout, for exponential backoff.
     failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<Rollout>, u32>>,
     /// The last `confirm-rollout` refusal per Rollout: (when, revision, hook and why). Reused for one interval,
@@ -208,6 +210,7 @@ pub async fn run(
         default_alert,
         failures: Default::default(),
         refusals: Default::default(),
+        template_servers: Default::default(),
     });
     let controller = watched_controller(rollouts, telemetry.clone(), READY_COMPONENT);
     let store = controller.store();
@@ -790,7 +793,21 @@ async fn run_checks(rollout: &Rollout, names: &Names, ctx: &Context) -> Checks {
         .as_ref()
         .and_then(|status| crate::rollout::stage_age(status, clock));
     let mut verdicts = Vec::new();
-    for metric in &rollout.spec.analysis.metrics {
+    for written in &rollout.spec.analysis.metrics {
+        // A templated metric runs the template's query on the template's server.
+        let (metric, server) = match &written.template_ref {
+            None => (std::borrow::Cow::Borrowed(written), ctx.prometheus.clone()),
+            Some(template) => match metric_template(&names.namespace, written, template, ctx).await
+            {
+                Ok((query, server)) => {
+                    let mut metric = written.clone();
+                    metric.query = Some(query);
+                    (std::borrow::Cow::Owned(metric), server)
+                }
+                Err(why) => return Checks::Unavailable(why),
+            },
+        };
+        let metric = metric.as_ref();
         let window = metric
             .interval
             .as_ref()
@@ -804,8 +821,7 @@ async fn run_checks(rollout: &Rollout, names: &Names, ctx: &Context) -> Checks {
             statefulset: rollout.spec.target_ref.kind == TargetKind::StatefulSet,
             stage_age,
         };
-        match ctx
-            .prometheus
+        match server
             .observe(rollout.spec.provider, metric, &query_ctx)
             .await
         {
@@ -815,12 +831,106 @@ async fn run_checks(rollout: &Rollout, names: &Names, ctx: &Context) -> Checks {
                 value: observation.value.filter(|v| v.is_finite()),
                 checked_at: now.clone(),
                 dry_run: metric.dry_run,
+                primary_value: observation.primary_value.filter(|v| v.is_finite()),
             }),
             Err(err) => return Checks::Unavailable(err.to_string()),
         }
     }
     tracing::debug!(rollout = %rollout.name_any(), passed = verdicts.iter().filter(|v| v.verdict == Verdict::Pass).count(), total = verdicts.len(), "checks ran");
     Checks::Ran(verdicts)
+}
+
+/// The query of a metric's `MetricTemplate` and a client for its server, with the credentials of its Secret.
+/// Clients are kept per template and Secret version, so a check does not set up TLS again. The error says
+/// what to fix; it freezes the release like any metrics error.
+async fn metric_template(
+    namespace: &str,
+    metric: &crate::api::Metric,
+    template: &crate::api::TemplateRef,
+    ctx: &Context,
+) -> Result<(String, Prometheus), String> {
+    let template_ns = template.namespace.as_deref().unwrap_or(namespace);
+    let which = format!(
+        "MetricTemplate {template_ns}/{} (templateRef of metric {:?})",
+        template.name, metric.name
+    );
+    let templates: Api<crate::api::MetricTemplate> =
+        Api::namespaced(ctx.client.clone(), template_ns);
+    let found = templates
+        .get_opt(&template.name)
+        .await
+        .map_err(|e| format!("cannot read {which}: {e}"))?
+        .ok_or_else(|| format!("{which} not found: create it, or fix the templateRef"))?;
+    let provider = &found.spec.provider;
+    let secret = match &provider.secret_ref {
+        None => None,
+        Some(secret_ref) => {
+            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), template_ns);
+            let secret = secrets
+                .get_opt(&secret_ref.name)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "cannot read Secret {template_ns}/{} of {which}: {e}",
+                        secret_ref.name
+                    )
+                })?
+                .ok_or_else(|| {
+                    format!(
+                        "Secret {template_ns}/{} of {which} not found",
+                        secret_ref.name
+                    )
+                })?;
+            Some(secret)
+        }
+    };
+    let key = format!(
+        "{}@{}/{}",
+        found.metadata.uid.as_deref().unwrap_or_default(),
+        found
+            .metadata
+            .resource_version
+            .as_deref()
+            .unwrap_or_default(),
+        secret
+            .as_ref()
+            .and_then(|s| s.metadata.resource_version.as_deref())
+            .unwrap_or_default()
+    );
+    let query = found.spec.query.clone();
+    if let Some(server) = ctx
+        .template_servers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&key)
+    {
+        return Ok((query, server.clone()));
+    }
+    let data: Option<std::collections::BTreeMap<String, Vec<u8>>> = secret.map(|s| {
+        s.data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect()
+    });
+    let access = crate::metrics::ServerAccess::of(provider, data.as_ref())
+        .map_err(|why| format!("{which}: {why}"))?;
+    let address = provider
+        .address
+        .clone()
+        .unwrap_or_else(|| ctx.prometheus.url().to_owned());
+    let server = Prometheus::with_access(&address, ctx.prometheus.timeout(), &access)
+        .map_err(|e| format!("{which}: {e}"))?;
+    let mut servers = ctx
+        .template_servers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Old versions are dropped wholesale; a few templates per cluster is the norm.
+    if servers.len() >= 256 {
+        servers.clear();
+    }
+    servers.insert(key, server.clone());
+    Ok((query, server))
 }
 
 /// Brings workloads, Services and the route to `desired`, in an order that never drops traffic.

@@ -12,7 +12,7 @@ mod query;
 mod verdict;
 
 pub use builtin::{MetricQueries, builtin};
-pub use prometheus::{Prometheus, ProviderError, install_crypto_provider};
+pub use prometheus::{Auth, Prometheus, ProviderError, ServerAccess, install_crypto_provider};
 pub use query::{QueryContext, QueryError, promql_duration, render, window};
 pub use verdict::judge;
 
@@ -30,6 +30,8 @@ pub struct Observation {
     pub requests: Option<f64>,
     /// The PromQL that produced `value`, so users can paste it into Prometheus.
     pub query: String,
+    /// The primary's value, for a metric judged against it.
+    pub primary_value: Option<f64>,
 }
 
 /// The queries for `metric`: its own `query` template when it has one (so a user can override a builtin's
@@ -91,6 +93,8 @@ mod tests {
             min_requests: Some(10),
             on_no_data: NoDataPolicy::Hold,
             dry_run: false,
+            primary_comparison: None,
+            template_ref: None,
             template_variables: Default::default(),
         }
     }

@@ -3,15 +3,16 @@
 //! Errors are never turned into a verdict: the caller freezes the rollout on them (DESIGN: "If Prometheus ...
 //! cannot be reached, the rollout freezes").
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
 use prometheus_http_query::response::Data;
 use thiserror::Error;
 
-use crate::api::{Metric, Provider};
+use crate::api::{Metric, MetricProvider, Provider};
 
-use super::verdict::judge_parts;
+use super::verdict::{judge_against_primary, judge_parts};
 use super::{MetricQueries, Observation, QueryContext, QueryError, queries_for};
 
 /// Why a metric could not be measured. None of these is "no data": each freezes the rollout.
@@ -29,6 +30,12 @@ pub enum ProviderError {
          running (rollouts stay frozen until it answers)"
     )]
     Unreachable { url: String, reason: String },
+    #[error(
+        "the metrics server at {url} refused Sluice's query ({status}): check the credentials in the \
+         MetricTemplate's secretRef (username and password, or token) and its headers (such as a tenant's \
+         X-Scope-OrgID)"
+    )]
+    Unauthorized { url: String, status: u16 },
     #[error(
         "Prometheus at {url} answered with something that is not a Prometheus API response: {reason}; \
          check that --prometheus-url points at Prometheus itself (not a UI or proxy path)"
@@ -82,11 +89,92 @@ impl ProviderError {
             Self::InvalidUrl { .. } | Self::HttpClient { .. } => "PrometheusMisconfigured",
             Self::Unreachable { .. } => "PrometheusUnreachable",
             Self::BadResponse { .. } => "PrometheusBadResponse",
+            Self::Unauthorized { .. } => "PrometheusUnauthorized",
             Self::Query { .. } | Self::NotOneSeries { .. } | Self::RangeVector { .. } => {
                 "MetricQueryFailed"
             }
             Self::InvalidMetric { .. } => "MetricInvalid",
         }
+    }
+}
+
+/// Credentials for a metrics server.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Auth {
+    Basic { username: String, password: String },
+    Bearer(String),
+}
+
+impl Auth {
+    fn header_value(&self) -> String {
+        use base64::Engine as _;
+        match self {
+            Auth::Basic { username, password } => format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"))
+            ),
+            Auth::Bearer(token) => format!("Bearer {token}"),
+        }
+    }
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Auth::Basic { username, .. } => write!(f, "Basic({username}, <redacted>)"),
+            Auth::Bearer(_) => f.write_str("Bearer(<redacted>)"),
+        }
+    }
+}
+
+/// How to reach a metrics server beyond its URL.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServerAccess {
+    pub auth: Option<Auth>,
+    pub headers: BTreeMap<String, String>,
+    /// PEM certificates to trust besides the system's.
+    pub ca_pem: Option<Vec<u8>>,
+    pub insecure_skip_verify: bool,
+}
+
+impl ServerAccess {
+    /// The access a `MetricTemplate`'s provider describes, with the data of its `secretRef` Secret (when it has
+    /// one). The error says which key to fix.
+    pub fn of(
+        provider: &MetricProvider,
+        secret: Option<&BTreeMap<String, Vec<u8>>>,
+    ) -> Result<Self, String> {
+        let empty = BTreeMap::new();
+        let data = secret.unwrap_or(&empty);
+        let text = |key: &str| -> Result<Option<String>, String> {
+            data.get(key)
+                .map(|raw| {
+                    String::from_utf8(raw.clone())
+                        .map(|s| s.trim_end_matches(['\r', '\n']).to_owned())
+                        .map_err(|_| format!("key {key} of the Secret is not UTF-8 text"))
+                })
+                .transpose()
+        };
+        let auth = match (text("username")?, text("password")?, text("token")?) {
+            (None, None, None) => None,
+            (Some(username), Some(password), None) => Some(Auth::Basic { username, password }),
+            (None, None, Some(token)) => Some(Auth::Bearer(token)),
+            (Some(_), None, None) | (None, Some(_), None) => {
+                return Err("the Secret needs both username and password for basic auth".into());
+            }
+            _ => {
+                return Err(
+                    "the Secret holds both token and username/password: keep one way to authenticate"
+                        .into(),
+                );
+            }
+        };
+        Ok(Self {
+            auth,
+            headers: provider.headers.clone(),
+            ca_pem: data.get("ca.crt").cloned(),
+            insecure_skip_verify: provider.insecure_skip_verify,
+        })
     }
 }
 
@@ -111,6 +199,15 @@ impl Prometheus {
     /// A client for the Prometheus at `url` (e.g. `http://prometheus.istio-system:9090`). Every request, connection
     /// included, gives up after `timeout`; Prometheus is asked to stop evaluating after the same time.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, ProviderError> {
+        Self::with_access(url, timeout, &ServerAccess::default())
+    }
+
+    /// [`Prometheus::new`] for a server that wants credentials, extra headers or its own TLS trust.
+    pub fn with_access(
+        url: &str,
+        timeout: Duration,
+        access: &ServerAccess,
+    ) -> Result<Self, ProviderError> {
         let invalid = |reason: String| ProviderError::InvalidUrl {
             url: url.to_owned(),
             reason,
@@ -122,13 +219,38 @@ impl Prometheus {
             ));
         }
         install_crypto_provider();
-        let http = reqwest::Client::builder()
+        let misconfigured = |reason: String| ProviderError::HttpClient { reason };
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (name, value) in &access.headers {
+            let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| misconfigured(format!("header name {name:?}: {e}")))?;
+            let value = reqwest::header::HeaderValue::from_str(value)
+                .map_err(|e| misconfigured(format!("header {name}: {e}")))?;
+            headers.insert(name, value);
+        }
+        if let Some(auth) = &access.auth {
+            let mut value =
+                reqwest::header::HeaderValue::from_str(&auth.header_value()).map_err(|_| {
+                    misconfigured("the credentials hold characters a header cannot carry".into())
+                })?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        let mut builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
-            .build()
-            .map_err(|e| ProviderError::HttpClient {
-                reason: error_chain(&e),
-            })?;
+            .default_headers(headers)
+            .danger_accept_invalid_certs(access.insecure_skip_verify);
+        if let Some(pem) = &access.ca_pem {
+            for certificate in reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| misconfigured(format!("ca.crt is not PEM certificates: {e}")))?
+            {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        let http = builder.build().map_err(|e| ProviderError::HttpClient {
+            reason: error_chain(&e),
+        })?;
         let client =
             prometheus_http_query::Client::from(http, url).map_err(|e| invalid(e.to_string()))?;
         Ok(Self {
@@ -136,6 +258,11 @@ impl Prometheus {
             url: url.to_owned(),
             timeout,
         })
+    }
+
+    /// How long a query may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// The base URL this client queries.
@@ -157,32 +284,63 @@ impl Prometheus {
         metric: &Metric,
         ctx: &QueryContext,
     ) -> Result<Observation, ProviderError> {
-        let MetricQueries { value, requests } =
-            queries_for(provider, metric, ctx).map_err(|source| ProviderError::InvalidMetric {
-                metric: metric.name.clone(),
-                source,
-            })?;
-        let name = Some(metric.name.as_str());
-        let (measured, count) = match &requests {
-            Some(requests) => {
-                let (measured, count) = tokio::join!(
-                    self.instant_for(name, &value),
-                    self.instant_for(name, requests)
+        let (queries, measured, count) = self.measure(provider, metric, ctx).await?;
+        let min_requests = queries.requests.as_ref().and(metric.min_requests);
+        let own = judge_parts(&metric.threshold_range, min_requests, measured, count);
+        let (verdict, primary_value) = match &metric.primary_comparison {
+            None => (own, None),
+            Some(comparison) => {
+                // The same query about the primary workload (Sluice names it `<target>-primary`).
+                let primary_ctx = QueryContext {
+                    target: format!("{}-primary", ctx.target),
+                    ..ctx.clone()
+                };
+                let (_, primary, primary_count) =
+                    self.measure(provider, metric, &primary_ctx).await?;
+                let verdict = judge_against_primary(
+                    comparison,
+                    min_requests,
+                    (own, measured),
+                    (primary, primary_count),
                 );
-                (measured?, count?)
+                (verdict, primary)
             }
-            None => (self.instant_for(name, &value).await?, None),
         };
-        let min_requests = requests.as_ref().and(metric.min_requests);
-        let verdict = judge_parts(&metric.threshold_range, min_requests, measured, count);
-        tracing::debug!(metric = %metric.name, ?measured, ?count, ?verdict, query = %value, "observed metric");
+        tracing::debug!(metric = %metric.name, ?measured, ?count, ?primary_value, ?verdict, query = %queries.value, "observed metric");
         Ok(Observation {
             metric: metric.name.clone(),
             verdict,
             value: measured,
             requests: count,
-            query: value,
+            query: queries.value,
+            primary_value,
         })
+    }
+
+    /// Runs a metric's queries for the workload in `ctx`: its value and, for builtins, its request count.
+    async fn measure(
+        &self,
+        provider: Provider,
+        metric: &Metric,
+        ctx: &QueryContext,
+    ) -> Result<(MetricQueries, Option<f64>, Option<f64>), ProviderError> {
+        let queries =
+            queries_for(provider, metric, ctx).map_err(|source| ProviderError::InvalidMetric {
+                metric: metric.name.clone(),
+                source,
+            })?;
+        let name = Some(metric.name.as_str());
+        let (measured, count) = match &queries.requests {
+            Some(requests) => {
+                let (measured, count) = tokio::join!(
+                    self.instant_for(name, &queries.value),
+                    self.instant_for(name, requests)
+                );
+                (measured?, count?)
+            }
+            None => (self.instant_for(name, &queries.value).await?, None),
+        };
+        Ok((queries, measured, count))
     }
 
     async fn instant_for(
@@ -245,6 +403,16 @@ impl Prometheus {
                     url,
                     reason: error_chain(inner),
                 },
+                Some(inner)
+                    if inner
+                        .status()
+                        .is_some_and(|s| s.as_u16() == 401 || s.as_u16() == 403) =>
+                {
+                    ProviderError::Unauthorized {
+                        url,
+                        status: inner.status().map_or(0, |s| s.as_u16()),
+                    }
+                }
                 // 5xx without a Prometheus error body: Prometheus is starting or a proxy cannot reach it.
                 Some(inner) if inner.status().is_some_and(|s| s.is_server_error()) => {
                     ProviderError::Unreachable {
@@ -311,6 +479,98 @@ fn labels(metric: &std::collections::HashMap<String, String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn provider(headers: &[(&str, &str)]) -> MetricProvider {
+        MetricProvider {
+            type_: crate::api::MetricProviderType::Prometheus,
+            address: Some("https://mimir.example.com/prometheus".into()),
+            secret_ref: None,
+            headers: headers
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            insecure_skip_verify: false,
+        }
+    }
+
+    fn secret(pairs: &[(&str, &str)]) -> BTreeMap<String, Vec<u8>> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn a_templates_secret_gives_basic_or_bearer_credentials() {
+        let tenant = provider(&[("X-Scope-OrgID", "tenant-a")]);
+        let basic = ServerAccess::of(
+            &tenant,
+            Some(&secret(&[("username", "u"), ("password", "p\n")])),
+        );
+        assert_eq!(
+            basic.as_ref().map(|a| a.auth.clone()),
+            Ok(Some(Auth::Basic {
+                username: "u".into(),
+                password: "p".into()
+            })),
+            "a trailing newline (echo > file) is not part of the password"
+        );
+        assert_eq!(
+            basic.map(|a| a.headers),
+            Ok(BTreeMap::from([(
+                "X-Scope-OrgID".to_owned(),
+                "tenant-a".to_owned()
+            )]))
+        );
+        let bearer = ServerAccess::of(&tenant, Some(&secret(&[("token", "t0k")])));
+        assert_eq!(bearer.map(|a| a.auth), Ok(Some(Auth::Bearer("t0k".into()))));
+        assert_eq!(ServerAccess::of(&tenant, None).map(|a| a.auth), Ok(None));
+        for (bad, says) in [
+            (secret(&[("username", "u")]), "both username and password"),
+            (
+                secret(&[("token", "t"), ("username", "u"), ("password", "p")]),
+                "keep one way",
+            ),
+        ] {
+            let err = ServerAccess::of(&tenant, Some(&bad))
+                .err()
+                .unwrap_or_default();
+            assert!(err.contains(says), "{err}");
+        }
+        assert!(format!("{:?}", Auth::Bearer("t0k".into())).contains("redacted"));
+        assert!(
+            !format!(
+                "{:?}",
+                Auth::Basic {
+                    username: "u".into(),
+                    password: "hunter2".into()
+                }
+            )
+            .contains("hunter2")
+        );
+    }
+
+    #[test]
+    fn bad_access_settings_are_errors_not_panics() {
+        let bad_header = ServerAccess {
+            headers: BTreeMap::from([("X-Tenant".to_owned(), "line\nbreak".to_owned())]),
+            ..Default::default()
+        };
+        let bad_ca = ServerAccess {
+            ca_pem: Some(
+                b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n".to_vec(),
+            ),
+            ..Default::default()
+        };
+        for access in [bad_header, bad_ca] {
+            let built =
+                Prometheus::with_access("http://127.0.0.1:9090", Duration::from_secs(1), &access);
+            assert!(
+                matches!(built, Err(ProviderError::HttpClient { .. })),
+                "{access:?}: {built:?}"
+            );
+        }
+    }
 
     #[test]
     fn urls_must_be_absolute_http() {

@@ -1,7 +1,7 @@
 //! The verdict of one check: pass, fail or no data. No data (nothing measured, NaN, too few requests) is never a
 //! pass: Flagger once promoted on NaN (fluxcd/flagger#1095) and neither Flagger nor Argo checks request volume.
 
-use crate::api::{Metric, ThresholdRange, Verdict};
+use crate::api::{Metric, PrimaryComparison, ThresholdRange, Verdict};
 
 /// Judges a measured `value` (and the number of `requests` it is based on) against `metric`'s bounds.
 ///
@@ -43,6 +43,36 @@ pub(crate) fn judge_parts(
     }
 }
 
+/// A metric with `primaryComparison`: the canary judged on its own (`canary`, from [`judge_parts`]) and,
+/// when that passes, against the primary's measurement. The canary failing its own bounds fails whatever the
+/// primary shows; otherwise no data on either side (the same rules, `minRequests` included) is no data.
+pub(crate) fn judge_against_primary(
+    comparison: &PrimaryComparison,
+    min_requests: Option<u32>,
+    canary: (Verdict, Option<f64>),
+    primary: (Option<f64>, Option<f64>),
+) -> Verdict {
+    let (own, canary_value) = canary;
+    let (primary_value, primary_requests) = primary;
+    let primary_measured = judge_parts(
+        &ThresholdRange::default(),
+        min_requests,
+        primary_value,
+        primary_requests,
+    ) == Verdict::Pass;
+    match (own, canary_value, primary_value) {
+        (Verdict::NoData | Verdict::Fail, _, _) => own,
+        (Verdict::Pass, Some(c), Some(p)) if primary_measured => {
+            if comparison.holds(c, p) {
+                Verdict::Pass
+            } else {
+                Verdict::Fail
+            }
+        }
+        _ => Verdict::NoData,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,6 +88,8 @@ mod tests {
             min_requests,
             on_no_data: NoDataPolicy::Hold,
             dry_run: false,
+            primary_comparison: None,
+            template_ref: None,
             template_variables: Default::default(),
         }
     }
@@ -149,7 +181,78 @@ mod tests {
         )
     }
 
+    #[test]
+    fn a_canary_is_judged_against_the_primary() {
+        let success = PrimaryComparison {
+            min_delta: Some(-0.5),
+            ..Default::default()
+        };
+        let latency = PrimaryComparison {
+            max_ratio: Some(1.2),
+            ..Default::default()
+        };
+        let pass = |v: f64| (Verdict::Pass, Some(v));
+        let judged = |c: &PrimaryComparison, canary, primary: Option<f64>| {
+            judge_against_primary(c, Some(10), canary, (primary, Some(100.0)))
+        };
+        assert_eq!(judged(&success, pass(99.0), Some(99.4)), Verdict::Pass);
+        assert_eq!(
+            judged(&success, pass(98.9), Some(99.4)),
+            Verdict::Pass,
+            "exactly half a point"
+        );
+        assert_eq!(judged(&success, pass(98.8), Some(99.4)), Verdict::Fail);
+        assert_eq!(judged(&latency, pass(120.0), Some(100.0)), Verdict::Pass);
+        assert_eq!(judged(&latency, pass(121.0), Some(100.0)), Verdict::Fail);
+        // No data on either side is no data; the canary's own failure stands whatever the primary shows.
+        assert_eq!(judged(&success, pass(99.0), None), Verdict::NoData);
+        assert_eq!(
+            judged(&success, pass(99.0), Some(f64::NAN)),
+            Verdict::NoData
+        );
+        assert_eq!(
+            judge_against_primary(&success, Some(10), pass(99.0), (Some(99.0), Some(3.0))),
+            Verdict::NoData,
+            "too few primary requests"
+        );
+        assert_eq!(
+            judged(&success, (Verdict::NoData, None), Some(99.0)),
+            Verdict::NoData
+        );
+        assert_eq!(
+            judged(&success, (Verdict::Fail, Some(50.0)), None),
+            Verdict::Fail
+        );
+        // A NaN bound fails rather than passes.
+        let broken = PrimaryComparison {
+            max_delta: Some(f64::NAN),
+            ..Default::default()
+        };
+        assert_eq!(judged(&broken, pass(1.0), Some(1.0)), Verdict::Fail);
+    }
+
     proptest! {
+        #[test]
+        fn a_primary_comparison_never_passes_what_the_canary_alone_does_not(
+            own in prop_oneof![Just(Verdict::Pass), Just(Verdict::Fail), Just(Verdict::NoData)],
+            canary in any_value(),
+            primary in any_value(),
+            primary_requests in any_value(),
+            min_delta in proptest::option::of(-10.0..10.0f64),
+            max_ratio in proptest::option::of(0.0..3.0f64),
+        ) {
+            let comparison = PrimaryComparison { min_delta, max_ratio, ..Default::default() };
+            let verdict = judge_against_primary(&comparison, Some(5), (own, canary), (primary, primary_requests));
+            if verdict == Verdict::Pass {
+                prop_assert_eq!(own, Verdict::Pass);
+                prop_assert!(primary.is_some_and(f64::is_finite));
+                prop_assert!(primary_requests.is_some_and(|r| r >= 5.0));
+            }
+            if own != Verdict::Pass {
+                prop_assert_eq!(verdict, own);
+            }
+        }
+
         #[test]
         fn nan_never_passes(
             (min, max) in any_bounds(),

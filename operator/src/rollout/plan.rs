@@ -1103,9 +1103,13 @@ fn judge(
 }
 
 fn describe(v: &MetricVerdict) -> String {
+    let against = v
+        .primary_value
+        .map(|primary| format!(" (primary {primary:.2})"))
+        .unwrap_or_default();
     match (v.verdict, v.value) {
         (Verdict::NoData, _) => format!("{}: no data", v.name),
-        (_, Some(value)) => format!("{} {value:.2}", v.name),
+        (_, Some(value)) => format!("{} {value:.2}{against}", v.name),
         (_, None) => v.name.clone(),
     }
 }

@@ -164,6 +164,7 @@ pub fn simulate(
                             value: value.filter(|v| v.is_finite()),
                             checked_at: Time(now),
                             dry_run: metric.dry_run,
+                            primary_value: None,
                         }
                     })
                     .collect(),

@@ -103,6 +103,7 @@ impl World {
                         },
                         checked_at: Time(self.now),
                         dry_run: m.dry_run,
+                        primary_value: None,
                     }
                 })
                 .collect(),

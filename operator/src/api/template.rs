@@ -1,0 +1,88 @@
+//! `MetricTemplate`: a query and the metrics server that answers it (Flagger's shape), referenced by
+//! `analysis.metrics[].templateRef`, so one Prometheus-compatible server per team or tenant, with its own
+//! credentials, serves many Rollouts.
+
+use std::collections::BTreeMap;
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::SecretRef;
+
+/// A query template and the server it runs on.
+// Two print columns of type "string" read to clippy as one attribute given twice.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "sluice.dev",
+    version = "v1alpha1",
+    kind = "MetricTemplate",
+    namespaced,
+    category = "sluice",
+    doc = "A metric query and the Prometheus-compatible server (with its credentials) that answers it, for analysis.metrics[].templateRef.",
+    printcolumn(name = "Provider", type_ = "string", json_path = ".spec.provider.type"),
+    printcolumn(
+        name = "Address",
+        type_ = "string",
+        json_path = ".spec.provider.address"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricTemplateSpec {
+    pub provider: MetricProvider,
+    /// The query, with the placeholders of a metric's `query`: {{ namespace }}, {{ target }}, {{ service }},
+    /// {{ interval }} and {{ variables.NAME }} (from the metric's `templateVariables`).
+    #[schemars(length(min = 1))]
+    pub query: String,
+}
+
+/// Where a template's query runs, and how Sluice authenticates there.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricProvider {
+    /// The server's API.
+    #[serde(rename = "type")]
+    pub type_: MetricProviderType,
+    /// Base URL of the API, e.g. `http://thanos-query.monitoring:9090` or `https://mimir.example.com/prometheus`;
+    /// defaults to the operator's `--prometheus-url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub address: Option<String>,
+    /// A Secret in the template's namespace with `username` and `password` (basic auth) or `token` (bearer), and
+    /// optionally `ca.crt` (PEM) to trust for TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretRef>,
+    /// Headers sent with every query, e.g. `X-Scope-OrgID` for a Mimir, Cortex or Thanos tenant. Not for
+    /// credentials: those belong in `secretRef`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Accept any TLS certificate (for tests; prefer `ca.crt` in the Secret).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_verify: bool,
+}
+
+/// Metrics APIs Sluice queries.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricProviderType {
+    /// The Prometheus HTTP API: Prometheus, Thanos, Mimir, Cortex, VictoriaMetrics, and Azure Monitor's and
+    /// Amazon's managed Prometheus behind a proxy that signs requests.
+    Prometheus,
+}
+
+/// `analysis.metrics[].templateRef`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Defaults to the Rollout's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
