@@ -429,6 +429,8 @@ struct Workload {
     pending_errors: f64,
     ok: Histogram,
     failed: Histogram,
+    /// Istio ambient mode: only the waypoint reports L7 series (`reporter="waypoint"`); there is no sidecar.
+    ambient: bool,
 }
 
 impl Workload {
@@ -439,6 +441,7 @@ impl Workload {
             pending_errors: 0.0,
             ok: Histogram::default(),
             failed: Histogram::default(),
+            ambient: false,
         }
     }
 
@@ -521,6 +524,13 @@ impl FakeMesh {
             .or_insert_with(|| Workload::new(traffic));
     }
 
+    /// Puts `workload` in Istio ambient mode (its series come from a waypoint) or takes it out; counters are kept.
+    pub fn set_ambient(&self, workload: &str, namespace: &str, ambient: bool) {
+        if let Some(w) = lock(&self.state).get_mut(&(namespace.to_owned(), workload.to_owned())) {
+            w.ambient = ambient;
+        }
+    }
+
     /// Forgets a workload: its series disappear from `/metrics`, as when its pods are gone.
     pub fn remove(&self, workload: &str, namespace: &str) {
         lock(&self.state).remove(&(namespace.to_owned(), workload.to_owned()));
@@ -580,7 +590,12 @@ fn render_metrics(workloads: &BTreeMap<(String, String), Workload>) -> String {
     let mut requests = String::from("# TYPE istio_requests_total counter\n");
     let mut durations = String::from("# TYPE istio_request_duration_milliseconds histogram\n");
     for ((namespace, name), workload) in workloads {
-        for reporter in ["destination", "source"] {
+        let reporters: &[&str] = if workload.ambient {
+            &["waypoint"]
+        } else {
+            &["destination", "source"]
+        };
+        for reporter in reporters {
             for (code, histogram) in [("200", &workload.ok), ("500", &workload.failed)] {
                 if histogram.count == 0 {
                     continue;

@@ -25,6 +25,7 @@ fn ctx(target: &str) -> QueryContext {
         variables: BTreeMap::new(),
         statefulset: false,
         stage_age: None,
+        waypoint: false,
     }
 }
 

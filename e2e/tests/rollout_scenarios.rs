@@ -787,6 +787,7 @@ async fn simulate_agrees_with_the_operator_on_the_same_series() {
         variables: Default::default(),
         statefulset: false,
         stage_age: None,
+        waypoint: false,
     };
     let queries =
         sluice::metrics::builtin(Provider::Istio, "request-success-rate", &ctx).expect("builtin");
@@ -2075,6 +2076,107 @@ async fn a_metric_template_queries_an_authenticating_prometheus_with_its_secret(
     );
     assert!(log.refused.load(Ordering::SeqCst) > 0);
     proxy_task.abort();
+    s.stop().await;
+}
+
+/// Istio ambient mode (namespace labelled `istio.io/use-waypoint`): a Rollout whose waypoint does not exist says
+/// so instead of waiting; once the waypoint Gateway exists, traffic is split with an HTTPRoute on the Service
+/// (no VirtualService) and judged from the waypoint's series, the only L7 telemetry there is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ambient_rollout_is_shifted_on_an_httproute_and_judged_from_the_waypoint() {
+    let cluster = cluster().await;
+    cluster
+        .kubectl
+        .ok(&["label", "namespace", NS, "istio.io/use-waypoint=waypoint"]);
+    let s = Scenario::launch_in(
+        cluster,
+        Provider::Istio,
+        canary_analysis(2),
+        60,
+        deployment("podinfo:1"),
+        Duration::from_millis(200),
+    )
+    .await;
+    let waiting = |r: &Rollout| {
+        r.status.as_ref().and_then(|st| {
+            st.conditions
+                .iter()
+                .find(|c| c.type_ == "MeshReady" && c.reason == "WaypointMissing")
+                .cloned()
+        })
+    };
+    let reported = s
+        .wait_for(Duration::from_secs(30), |r| waiting(r).is_some())
+        .await;
+    let condition = waiting(&reported).expect("the MeshReady condition");
+    assert_eq!(condition.status, "False");
+    for wanted in [
+        "namespace default",
+        "Gateway default/waypoint",
+        "istioctl waypoint apply -n default --name waypoint",
+    ] {
+        assert!(
+            condition.message.contains(wanted),
+            "{wanted:?} not in {:?}",
+            condition.message
+        );
+    }
+
+    let waypoint = json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": "waypoint", "namespace": NS, "labels": {"istio.io/waypoint-for": "service"}},
+        "spec": {"gatewayClassName": "istio-waypoint",
+                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}
+    });
+    let out = s
+        .cluster
+        .kubectl
+        .run_with_stdin(&["apply", "-f", "-"], &waypoint.to_string());
+    assert!(out.success, "{}", out.stderr);
+    s.wait_for_phase(RolloutPhase::Initialized, Duration::from_secs(90))
+        .await;
+
+    // Sidecar-less from here: only the waypoint reports the canary's and the primary's requests.
+    for workload in ["podinfo", "podinfo-primary"] {
+        s.mesh.set_ambient(workload, NS, true);
+    }
+    let weights: WeightLog = Arc::default();
+    let recorder = tokio::spawn(record_weights(
+        s.client.clone(),
+        Provider::GatewayApi,
+        weights.clone(),
+    ));
+    s.release("podinfo:2", json!({})).await;
+    s.wait_for_phase(RolloutPhase::Succeeded, Duration::from_secs(60))
+        .await;
+    recorder.abort();
+    let seen: Vec<u8> = weights
+        .lock()
+        .map(|w| w.iter().map(|(_, w)| *w).filter(|w| *w > 0).collect())
+        .unwrap_or_default();
+    assert_eq!(seen, vec![20, 40, 60], "every step on the HTTPRoute");
+    let virtual_services: Api<DynamicObject> = Api::namespaced_with(
+        s.client.clone(),
+        NS,
+        &router_for(Provider::Istio).api_resource(),
+    );
+    assert!(
+        virtual_services
+            .get_opt("podinfo")
+            .await
+            .expect("VirtualServices readable")
+            .is_none(),
+        "no VirtualService in ambient mode"
+    );
+    let ready = s.rollout().await.status.unwrap_or_default();
+    assert!(
+        ready
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "MeshReady" && c.status == "True"),
+        "{:?}",
+        ready.conditions
+    );
     s.stop().await;
 }
 

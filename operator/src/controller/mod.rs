@@ -38,7 +38,7 @@ use crate::rollout::{
     set_condition,
 };
 use crate::telemetry::Telemetry;
-use crate::traffic::{CanaryRoutes, RouteTarget, Split, router_for};
+use crate::traffic::{CanaryRoutes, RouteTarget, Router, Split, Waypoint, router_for_mode};
 use workload::Names;
 
 /// Finalizer that lets Sluice hand traffic back to the user's workload before a Rollout goes away.
@@ -86,6 +86,9 @@ pub enum Error {
     /// The mesh's route CRD is not installed; the message says which and what to install.
     #[error("{0}")]
     RouteApiMissing(String),
+    /// An Istio ambient Rollout's waypoint does not exist; the message says which and how to create it.
+    #[error("{0}")]
+    WaypointMissing(String),
 }
 
 /// The condition that says whether the mesh's route resource can be written.
@@ -384,7 +387,13 @@ async fn apply(cached: &Rollout, ctx: &Context) -> Result<Action, Error> {
             .await;
     }
 
-    let router = router_for(rollout.spec.provider);
+    let waypoint = match waypoint(rollout, &names, ctx).await {
+        Err(missing @ Error::WaypointMissing(_)) => {
+            return mesh_missing(rollout, ctx, &status, missing).await;
+        }
+        found => found?,
+    };
+    let router = router_for_mode(rollout.spec.provider, waypoint.is_some());
     if let Some(owner) = owner(rollout)
         && let Some(why) = router.unsupported(&route_target(rollout, &names, owner))
     {
@@ -453,9 +462,9 @@ async fn apply(cached: &Rollout, ctx: &Context) -> Result<Action, Error> {
     // metrics would describe the previous split.
     let checks_are_due = checks_due(&rollout.spec, &status, &observed, now);
     let synced = if checks_are_due {
-        match route_synced(rollout, &names, ctx).await {
-            Err(Error::RouteApiMissing(why)) => {
-                return mesh_missing(rollout, ctx, &status, why).await;
+        match route_synced(rollout, &names, ctx, router.as_ref()).await {
+            Err(missing @ Error::RouteApiMissing(_)) => {
+                return mesh_missing(rollout, ctx, &status, missing).await;
             }
             synced => synced?,
         }
@@ -463,7 +472,7 @@ async fn apply(cached: &Rollout, ctx: &Context) -> Result<Action, Error> {
         false
     };
     let checks = if checks_are_due && synced {
-        run_checks(rollout, &names, ctx).await
+        run_checks(rollout, &names, ctx, waypoint.is_some()).await
     } else {
         Checks::NotRun
     };
@@ -499,12 +508,13 @@ async fn apply(cached: &Rollout, ctx: &Context) -> Result<Action, Error> {
             rollout,
             &names,
             ctx,
+            router.as_ref(),
             desired,
             (&workload_api, target, primary.as_ref()),
         )
         .await;
-        if let Err(Error::RouteApiMissing(why)) = converged {
-            return mesh_missing(rollout, ctx, &status, why).await;
+        if let Err(missing @ Error::RouteApiMissing(_)) = converged {
+            return mesh_missing(rollout, ctx, &status, missing).await;
         }
         converged?;
         if next_status
@@ -784,7 +794,7 @@ async fn deliver_outbox(
 }
 
 /// Runs every metric of the analysis; any provider error freezes the rollout.
-async fn run_checks(rollout: &Rollout, names: &Names, ctx: &Context) -> Checks {
+async fn run_checks(rollout: &Rollout, names: &Names, ctx: &Context, waypoint: bool) -> Checks {
     let clock = jiff::Timestamp::now();
     let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(clock);
     // Windows start no earlier than the stage: only the revision on trial, at this weight, is judged.
@@ -820,6 +830,7 @@ async fn run_checks(rollout: &Rollout, names: &Names, ctx: &Context) -> Checks {
             variables: metric.template_variables.clone(),
             statefulset: rollout.spec.target_ref.kind == TargetKind::StatefulSet,
             stage_age,
+            waypoint,
         };
         match server
             .observe(rollout.spec.provider, metric, &query_ctx)
@@ -938,6 +949,7 @@ async fn converge(
     rollout: &Rollout,
     names: &Names,
     ctx: &Context,
+    router: &dyn Router,
     desired: Desired,
     (deployments, target, primary): (&Api<DynamicObject>, &Value, Option<&Value>),
 ) -> Result<(), Error> {
@@ -1006,7 +1018,6 @@ async fn converge(
     }
 
     // 4. ...move traffic...
-    let router = router_for(rollout.spec.provider);
     let resource = router.api_resource();
     let routes: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), &names.namespace, &resource);
@@ -1089,8 +1100,12 @@ fn canary_routes(rollout: &Rollout) -> CanaryRoutes {
 }
 
 /// Whether the mesh has taken the live route into effect (Consul's `Synced`); a missing route is not.
-async fn route_synced(rollout: &Rollout, names: &Names, ctx: &Context) -> Result<bool, Error> {
-    let router = router_for(rollout.spec.provider);
+async fn route_synced(
+    rollout: &Rollout,
+    names: &Names,
+    ctx: &Context,
+    router: &dyn Router,
+) -> Result<bool, Error> {
     if !router.waits_for_sync() {
         return Ok(true);
     }
@@ -1207,8 +1222,13 @@ async fn mesh_missing(
     rollout: &Rollout,
     ctx: &Context,
     status: &RolloutStatus,
-    why: String,
+    missing: Error,
 ) -> Result<Action, Error> {
+    let reason = match &missing {
+        Error::WaypointMissing(_) => "WaypointMissing",
+        _ => "RouteAPIMissing",
+    };
+    let why = missing.to_string();
     let mut next = status.clone();
     let generation = rollout.metadata.generation.unwrap_or(0);
     next.message = Some(why.clone());
@@ -1216,7 +1236,7 @@ async fn mesh_missing(
         &mut next.conditions,
         MESH_READY,
         false,
-        "RouteAPIMissing",
+        reason,
         &why,
         generation,
         jiff::Timestamp::now(),
@@ -1225,7 +1245,7 @@ async fn mesh_missing(
         write_status(rollout, ctx, &next, rollout.resource_version()).await?;
         let event = Event {
             type_: EventType::Warning,
-            reason: "RouteAPIMissing".into(),
+            reason: reason.into(),
             note: Some(why.clone()),
             action: "Reconcile".into(),
             secondary: None,
@@ -1234,7 +1254,67 @@ async fn mesh_missing(
             tracing::warn!(error = %err, "could not publish an Event");
         }
     }
-    Err(Error::RouteApiMissing(why))
+    Err(missing)
+}
+
+/// The waypoint of a Rollout in Istio ambient mode, from the labels of its Service and namespace; `None` outside
+/// ambient mode and for other meshes.
+async fn waypoint_label(
+    rollout: &Rollout,
+    names: &Names,
+    ctx: &Context,
+) -> Result<Option<Waypoint>, Error> {
+    if !matches!(
+        rollout.spec.provider,
+        crate::api::Provider::Istio | crate::api::Provider::GatewayApi
+    ) {
+        return Ok(None);
+    }
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ctx.client.clone());
+    let namespace_labels = namespaces
+        .get_opt(&names.namespace)
+        .await?
+        .map(|n| n.labels().clone())
+        .unwrap_or_default();
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let service_labels = services
+        .get_opt(&names.service)
+        .await?
+        .map(|s| s.labels().clone())
+        .unwrap_or_default();
+    Ok(crate::traffic::waypoint_of(
+        &names.namespace,
+        &names.service,
+        &namespace_labels,
+        &service_labels,
+    ))
+}
+
+/// [`waypoint_label`], and `WaypointMissing` when the waypoint's Gateway (or Gateway API itself) is not there.
+async fn waypoint(
+    rollout: &Rollout,
+    names: &Names,
+    ctx: &Context,
+) -> Result<Option<Waypoint>, Error> {
+    let Some(waypoint) = waypoint_label(rollout, names, ctx).await? else {
+        return Ok(None);
+    };
+    let gateway = kube::core::ApiResource::from_gvk_with_plural(
+        &kube::core::GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "Gateway"),
+        "gateways",
+    );
+    let gateways: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), &waypoint.namespace, &gateway);
+    match gateways.get_opt(&waypoint.name).await {
+        Ok(Some(_)) => Ok(Some(waypoint)),
+        Ok(None) => Err(Error::WaypointMissing(crate::traffic::missing_waypoint(
+            &waypoint,
+        ))),
+        Err(kube::Error::Api(status)) if status.code == 404 => Err(Error::WaypointMissing(
+            crate::traffic::missing_waypoint(&waypoint),
+        )),
+        Err(err) => Err(err.into()),
+    }
 }
 
 /// A Rollout is being deleted: give the traffic back to the user's Deployment, then remove what Sluice made.
@@ -1242,7 +1322,9 @@ async fn cleanup(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
     let names = Names::of(rollout);
     let (deployments, target, primary) = workloads(rollout, &names, ctx).await?;
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &names.namespace);
-    let router = router_for(rollout.spec.provider);
+    // The route to remove is the one the Rollout's mode made: an HTTPRoute for Istio in ambient mode.
+    let ambient = waypoint_label(rollout, &names, ctx).await?.is_some();
+    let router = router_for_mode(rollout.spec.provider, ambient);
     let plan = workload::cleanup(
         rollout,
         &names,

@@ -88,9 +88,15 @@ fn consul(name: &str, ctx: &QueryContext) -> Option<MetricQueries> {
 
 fn istio(name: &str, ctx: &QueryContext) -> Option<MetricQueries> {
     // reporter="destination": the server-side proxy sees every request to the workload exactly once, whereas
-    // source-side reports miss callers outside the mesh and would double the count if both were summed.
+    // source-side reports miss callers outside the mesh and would double the count if both were summed. In
+    // ambient mode there is no server-side proxy: the waypoint reports each request once instead.
+    let reporter = if ctx.waypoint {
+        "waypoint"
+    } else {
+        "destination"
+    };
     let selector = format!(
-        r#"reporter="destination",destination_workload_namespace="{}",destination_workload="{}""#,
+        r#"reporter="{reporter}",destination_workload_namespace="{}",destination_workload="{}""#,
         label_value(&ctx.namespace),
         label_value(&ctx.target),
     );
@@ -131,6 +137,7 @@ mod tests {
             variables: Default::default(),
             statefulset: false,
             stage_age: None,
+            waypoint: false,
         }
     }
 
@@ -159,6 +166,23 @@ mod tests {
                 "histogram_quantile(0.99, sum(rate(istio_request_duration_milliseconds_bucket{{{SELECTOR}}}[1m])) by (le))"
             ))
         );
+    }
+
+    #[test]
+    fn ambient_mode_reads_the_waypoints_reports() {
+        let ambient = QueryContext {
+            waypoint: true,
+            ..ctx()
+        };
+        for provider in [Provider::Istio, Provider::GatewayApi] {
+            for name in [REQUEST_SUCCESS_RATE, REQUEST_DURATION] {
+                let queries = builtin(provider, name, &ambient).expect("a builtin");
+                for query in [&queries.value, queries.requests.as_ref().expect("a count")] {
+                    assert!(query.contains(r#"reporter="waypoint""#), "{query}");
+                    assert!(!query.contains("destination\""), "{query}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -78,6 +78,7 @@ mod tests {
             variables: Default::default(),
             statefulset: false,
             stage_age: None,
+            waypoint: false,
         }
     }
 

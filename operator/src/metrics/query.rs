@@ -24,6 +24,8 @@ pub struct QueryContext {
     pub statefulset: bool,
     /// How long the current stage has run. The window never reaches back past it (see [`window`]).
     pub stage_age: Option<std::time::Duration>,
+    /// Istio ambient mode: L7 telemetry comes from the waypoint (`reporter="waypoint"`), there is no sidecar.
+    pub waypoint: bool,
 }
 
 /// A template that cannot become a query. Each names what to change.
@@ -147,6 +149,7 @@ mod tests {
             variables: BTreeMap::from([("code".into(), "5..".into())]),
             statefulset: false,
             stage_age: None,
+            waypoint: false,
         }
     }
 

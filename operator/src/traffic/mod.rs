@@ -287,6 +287,69 @@ pub fn router_for(provider: Provider) -> Box<dyn Router> {
     }
 }
 
+/// Istio ambient mode's label naming the waypoint that a Service's (or every Service of a namespace's) traffic
+/// goes through; `none` opts a Service out.
+pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
+/// The waypoint's namespace, when it is not the Service's.
+pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
+
+/// A waypoint proxy: a Gateway API `Gateway` of class `istio-waypoint`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Waypoint {
+    pub name: String,
+    pub namespace: String,
+    /// Where the label was found, for messages: `Service shop/web` or `namespace shop`.
+    pub labelled: String,
+}
+
+/// The waypoint the Service `service` in `namespace` uses, as Istio resolves it: the Service's own
+/// `istio.io/use-waypoint` label, else its namespace's; `none` on the Service opts it out.
+pub fn waypoint_of(
+    namespace: &str,
+    service: &str,
+    namespace_labels: &std::collections::BTreeMap<String, String>,
+    service_labels: &std::collections::BTreeMap<String, String>,
+) -> Option<Waypoint> {
+    let (labels, labelled) = if service_labels.contains_key(USE_WAYPOINT) {
+        (service_labels, format!("Service {namespace}/{service}"))
+    } else {
+        (namespace_labels, format!("namespace {namespace}"))
+    };
+    let name = labels
+        .get(USE_WAYPOINT)
+        .filter(|n| !n.is_empty() && *n != "none")?;
+    Some(Waypoint {
+        name: name.clone(),
+        namespace: labels
+            .get(USE_WAYPOINT_NAMESPACE)
+            .filter(|n| !n.is_empty())
+            .cloned()
+            .unwrap_or_else(|| namespace.to_owned()),
+        labelled,
+    })
+}
+
+/// The router for a mesh, in Istio ambient mode when `ambient`: there a VirtualService means nothing to the
+/// waypoint, so Istio's traffic split is an HTTPRoute on the Service (GAMMA), which the waypoint enforces.
+pub fn router_for_mode(provider: Provider, ambient: bool) -> Box<dyn Router> {
+    match provider {
+        Provider::Istio if ambient => Box::new(GatewayApiRouter),
+        other => router_for(other),
+    }
+}
+
+/// What to tell a user whose Rollout's traffic goes through a waypoint that does not exist.
+pub fn missing_waypoint(waypoint: &Waypoint) -> String {
+    format!(
+        "{} is in Istio ambient mode with waypoint {name} ({USE_WAYPOINT}), but there is no Gateway {ns}/{name}: \
+         create it (`istioctl waypoint apply -n {ns} --name {name}`), or remove the label; Sluice splits ambient \
+         traffic with an HTTPRoute that only a waypoint enforces, and retries within a minute once it exists",
+        waypoint.labelled,
+        name = waypoint.name,
+        ns = waypoint.namespace,
+    )
+}
+
 /// What to tell a user whose cluster does not serve the route resource `provider` needs (its CRD is not
 /// installed): which resource, which field chose it, and what to install.
 pub fn missing_route_api(provider: Provider) -> String {
@@ -455,6 +518,62 @@ pub(crate) mod tests {
                     "{provider:?}: {wanted:?} missing from {message}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn the_waypoint_comes_from_the_service_else_its_namespace() {
+        let labels = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let enrolled = labels(&[(USE_WAYPOINT, "waypoint")]);
+        let none = labels(&[]);
+        assert_eq!(
+            waypoint_of("shop", "web", &enrolled, &none),
+            Some(Waypoint {
+                name: "waypoint".into(),
+                namespace: "shop".into(),
+                labelled: "namespace shop".into()
+            })
+        );
+        let own = labels(&[(USE_WAYPOINT, "web-wp"), (USE_WAYPOINT_NAMESPACE, "mesh")]);
+        assert_eq!(
+            waypoint_of("shop", "web", &enrolled, &own),
+            Some(Waypoint {
+                name: "web-wp".into(),
+                namespace: "mesh".into(),
+                labelled: "Service shop/web".into()
+            })
+        );
+        let opted_out = labels(&[(USE_WAYPOINT, "none")]);
+        assert_eq!(waypoint_of("shop", "web", &enrolled, &opted_out), None);
+        assert_eq!(waypoint_of("shop", "web", &none, &none), None);
+        assert_eq!(
+            router_for_mode(Provider::Istio, true).api_resource().kind,
+            "HTTPRoute"
+        );
+        assert_eq!(
+            router_for_mode(Provider::Istio, false).api_resource().kind,
+            "VirtualService"
+        );
+        assert_eq!(
+            router_for_mode(Provider::Consul, true).api_resource().kind,
+            "ServiceSplitter"
+        );
+        let message = missing_waypoint(&Waypoint {
+            name: "waypoint".into(),
+            namespace: "shop".into(),
+            labelled: "namespace shop".into(),
+        });
+        for wanted in [
+            "namespace shop",
+            "Gateway shop/waypoint",
+            "istioctl waypoint apply -n shop --name waypoint",
+        ] {
+            assert!(message.contains(wanted), "{wanted:?} not in {message}");
         }
     }
 
