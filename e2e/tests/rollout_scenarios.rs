@@ -2075,6 +2075,15 @@ async fn a_metric_template_queries_an_authenticating_prometheus_with_its_secret(
         "frozen, not rolled back"
     );
     assert!(log.refused.load(Ordering::SeqCst) > 0);
+    // Credentials stay out of the operator's log and the Rollout's status.
+    let status = serde_json::to_string(&s.rollout().await.status).unwrap_or_default();
+    for secret in ["s3cret", "Bearer wrong", "d3Jvbmc="] {
+        assert!(
+            !s.operator.log().contains(secret),
+            "{secret} in the operator log"
+        );
+        assert!(!status.contains(secret), "{secret} in the status");
+    }
     proxy_task.abort();
     s.stop().await;
 }

@@ -31,14 +31,19 @@ pub fn gate_input(
             "annotations": rollout.annotations(),
         },
         "namespace": {"labels": namespace_labels},
-        "metrics": verdicts.iter().map(|v| json!({
-            "name": v.name,
-            "value": v.value,
-            "verdict": v.verdict,
-            "dryRun": v.dry_run,
-            "primaryValue": v.primary_value,
-        })).collect::<Vec<_>>(),
+        // Dry-run metrics apart, so a policy that wants every metric passed is not held by one that never gates.
+        "metrics": verdicts.iter().filter(|v| !v.dry_run).map(metric_input).collect::<Vec<_>>(),
+        "dryRunMetrics": verdicts.iter().filter(|v| v.dry_run).map(metric_input).collect::<Vec<_>>(),
         "now": now.to_string(),
+    })
+}
+
+fn metric_input(v: &MetricVerdict) -> Value {
+    json!({
+        "name": v.name,
+        "value": v.value,
+        "verdict": v.verdict,
+        "primaryValue": v.primary_value,
     })
 }
 
@@ -226,16 +231,28 @@ mod tests {
 
     #[test]
     fn the_input_describes_the_rollout_and_its_checks() {
-        let verdicts = [MetricVerdict {
-            name: "request-success-rate".into(),
-            verdict: crate::api::Verdict::Pass,
-            value: Some(99.5),
-            checked_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                jiff::Timestamp::UNIX_EPOCH,
-            ),
-            dry_run: false,
-            primary_value: None,
-        }];
+        let verdicts = [
+            MetricVerdict {
+                name: "request-success-rate".into(),
+                verdict: crate::api::Verdict::Pass,
+                value: Some(99.5),
+                checked_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    jiff::Timestamp::UNIX_EPOCH,
+                ),
+                dry_run: false,
+                primary_value: None,
+            },
+            MetricVerdict {
+                name: "p95".into(),
+                verdict: crate::api::Verdict::Fail,
+                value: Some(900.0),
+                checked_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    jiff::Timestamp::UNIX_EPOCH,
+                ),
+                dry_run: true,
+                primary_value: None,
+            },
+        ];
         let input = gate_input(
             &rollout(json!({})),
             &Default::default(),
@@ -246,8 +263,14 @@ mod tests {
         assert_eq!(input["rollout"]["revision"], "abc");
         assert_eq!(
             input["metrics"][0],
-            json!({"name": "request-success-rate", "value": 99.5, "verdict": "pass", "dryRun": false, "primaryValue": null})
+            json!({"name": "request-success-rate", "value": 99.5, "verdict": "pass", "primaryValue": null})
         );
+        assert_eq!(
+            input["metrics"].as_array().map(Vec::len),
+            Some(1),
+            "gating metrics only"
+        );
+        assert_eq!(input["dryRunMetrics"][0]["name"], "p95");
         assert_eq!(input["now"], "1970-01-01T00:00:00Z");
     }
 

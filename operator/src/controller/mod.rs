@@ -517,11 +517,16 @@ async fn apply(cached: &Rollout, ctx: &Context) -> Result<Action, Error> {
             return mesh_missing(rollout, ctx, &status, missing).await;
         }
         converged?;
-        if next_status
+        let unready = next_status
             .conditions
             .iter()
-            .any(|c| c.type_ == MESH_READY && c.status != "True")
-        {
+            .find(|c| c.type_ == MESH_READY && c.status != "True")
+            .map(|c| c.message.clone());
+        if let Some(what_was_missing) = unready {
+            // The status message said what was missing; it no longer holds.
+            if next_status.message.as_deref() == Some(what_was_missing.as_str()) {
+                next_status.message = None;
+            }
             set_condition(
                 &mut next_status.conditions,
                 MESH_READY,
@@ -803,16 +808,37 @@ async fn run_checks(rollout: &Rollout, names: &Names, ctx: &Context, waypoint: b
         .as_ref()
         .and_then(|status| crate::rollout::stage_age(status, clock));
     let mut verdicts = Vec::new();
+    // An error is not a verdict and freezes the release, except on a dry-run metric, which never decides
+    // anything: there it is no data, and the error goes to the log.
+    let unmeasured = |metric: &crate::api::Metric, why: String| {
+        tracing::warn!(rollout = %rollout.name_any(), metric = %metric.name, error = %why, "dry-run metric not measured");
+        MetricVerdict {
+            name: metric.name.clone(),
+            verdict: Verdict::NoData,
+            value: None,
+            checked_at: now.clone(),
+            dry_run: true,
+            primary_value: None,
+        }
+    };
     for written in &rollout.spec.analysis.metrics {
-        // A templated metric runs the template's query on the template's server.
-        let (metric, server) = match &written.template_ref {
-            None => (std::borrow::Cow::Borrowed(written), ctx.prometheus.clone()),
+        // A templated metric runs the template's query on the template's server; its errors name the template.
+        let (metric, server, source) = match &written.template_ref {
+            None => (
+                std::borrow::Cow::Borrowed(written),
+                ctx.prometheus.clone(),
+                None,
+            ),
             Some(template) => match metric_template(&names.namespace, written, template, ctx).await
             {
-                Ok((query, server)) => {
+                Ok((query, server, which)) => {
                     let mut metric = written.clone();
                     metric.query = Some(query);
-                    (std::borrow::Cow::Owned(metric), server)
+                    (std::borrow::Cow::Owned(metric), server, Some(which))
+                }
+                Err(why) if written.dry_run => {
+                    verdicts.push(unmeasured(written, why));
+                    continue;
                 }
                 Err(why) => return Checks::Unavailable(why),
             },
@@ -844,7 +870,17 @@ async fn run_checks(rollout: &Rollout, names: &Names, ctx: &Context, waypoint: b
                 dry_run: metric.dry_run,
                 primary_value: observation.primary_value.filter(|v| v.is_finite()),
             }),
-            Err(err) => return Checks::Unavailable(err.to_string()),
+            Err(err) => {
+                let why = match &source {
+                    Some(which) => format!("{which}: {err}"),
+                    None => err.to_string(),
+                };
+                if metric.dry_run {
+                    verdicts.push(unmeasured(metric, why));
+                    continue;
+                }
+                return Checks::Unavailable(why);
+            }
         }
     }
     tracing::debug!(rollout = %rollout.name_any(), passed = verdicts.iter().filter(|v| v.verdict == Verdict::Pass).count(), total = verdicts.len(), "checks ran");
@@ -859,7 +895,7 @@ async fn metric_template(
     metric: &crate::api::Metric,
     template: &crate::api::TemplateRef,
     ctx: &Context,
-) -> Result<(String, Prometheus), String> {
+) -> Result<(String, Prometheus, String), String> {
     let template_ns = template.namespace.as_deref().unwrap_or(namespace);
     let which = format!(
         "MetricTemplate {template_ns}/{} (templateRef of metric {:?})",
@@ -892,6 +928,15 @@ async fn metric_template(
                         secret_ref.name
                     )
                 })?;
+            // A ServiceAccount token is the operator's key to someone's API access, not a metrics credential:
+            // never send one to a template's address.
+            if secret.type_.as_deref() == Some("kubernetes.io/service-account-token") {
+                return Err(format!(
+                    "Secret {template_ns}/{} of {which} is a ServiceAccount token, which Sluice does not send to \
+                     metrics servers: put the metrics server's own credentials in an Opaque Secret",
+                    secret_ref.name
+                ));
+            }
             Some(secret)
         }
     };
@@ -915,7 +960,7 @@ async fn metric_template(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .get(&key)
     {
-        return Ok((query, server.clone()));
+        return Ok((query, server.clone(), which));
     }
     let data: Option<std::collections::BTreeMap<String, Vec<u8>>> = secret.map(|s| {
         s.data
@@ -941,7 +986,7 @@ async fn metric_template(
         servers.clear();
     }
     servers.insert(key, server.clone());
-    Ok((query, server))
+    Ok((query, server, which))
 }
 
 /// Brings workloads, Services and the route to `desired`, in an order that never drops traffic.
@@ -1024,7 +1069,11 @@ async fn converge(
     let route_target = route_target(rollout, names, owner.clone());
     let split = Split::with_canary(desired.canary_weight)
         .with_experiment(desired.experiment && !route_target.canary_routes.is_empty());
-    let missing = |err| route_error(err, rollout.spec.provider);
+    let ambient = resource.kind
+        != router_for_mode(rollout.spec.provider, false)
+            .api_resource()
+            .kind;
+    let missing = |err| route_error(err, rollout.spec.provider, ambient);
     // A route that does not exist reads as `None`; a 404 left over means the resource itself is not served.
     let live_route = routes.get_opt(&names.service).await.map_err(missing)?;
     let live_split = live_route
@@ -1047,6 +1096,15 @@ async fn converge(
                 .await?;
         }
         tracing::info!(rollout = %rollout.name_any(), namespace = %names.namespace, %split, "route updated");
+        // Istio routes with a VirtualService, or in ambient mode with an HTTPRoute: a Rollout whose namespace
+        // or Service changed mode must not leave the other one splitting traffic.
+        if rollout.spec.provider == crate::api::Provider::Istio {
+            let ambient = resource.kind != "VirtualService";
+            let other = router_for_mode(rollout.spec.provider, !ambient).api_resource();
+            let others: Api<DynamicObject> =
+                Api::namespaced_with(ctx.client.clone(), &names.namespace, &other);
+            delete_if_owned(&others, &names.service, &owner.uid).await?;
+        }
     }
 
     // 5. ...and scale it down only once the route sends it nothing.
@@ -1058,10 +1116,10 @@ async fn converge(
 
 /// A 404 on a route read that maps a missing object to `None`, or on an apply (which creates a missing object),
 /// means the cluster does not serve the route resource: the mesh's CRD is not installed.
-fn route_error(err: kube::Error, provider: crate::api::Provider) -> Error {
+fn route_error(err: kube::Error, provider: crate::api::Provider, ambient: bool) -> Error {
     match err {
         kube::Error::Api(status) if status.code == 404 => {
-            Error::RouteApiMissing(crate::traffic::missing_route_api(provider))
+            Error::RouteApiMissing(crate::traffic::missing_route_api(provider, ambient))
         }
         other => other.into(),
     }
@@ -1111,10 +1169,13 @@ async fn route_synced(
     }
     let routes: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), &names.namespace, &router.api_resource());
-    let live = routes
-        .get_opt(&names.service)
-        .await
-        .map_err(|err| route_error(err, rollout.spec.provider))?;
+    let live = routes.get_opt(&names.service).await.map_err(|err| {
+        let ambient = router.api_resource().kind
+            != router_for_mode(rollout.spec.provider, false)
+                .api_resource()
+                .kind;
+        route_error(err, rollout.spec.provider, ambient)
+    })?;
     Ok(live
         .and_then(|r| serde_json::to_value(r).ok())
         .is_some_and(|v| router.synced(&v)))
@@ -1310,9 +1371,16 @@ async fn waypoint(
         Ok(None) => Err(Error::WaypointMissing(crate::traffic::missing_waypoint(
             &waypoint,
         ))),
-        Err(kube::Error::Api(status)) if status.code == 404 => Err(Error::WaypointMissing(
-            crate::traffic::missing_waypoint(&waypoint),
-        )),
+        // A 404 that is not an object's NotFound: Gateway API itself is not served.
+        Err(kube::Error::Api(status)) if status.code == 404 => {
+            Err(Error::WaypointMissing(format!(
+                "{} is in Istio ambient mode ({}), but this cluster does not serve Gateway \
+             (gateway.networking.k8s.io/v1), which waypoints are: install the Gateway API CRDs and Istio's \
+             ambient profile, or remove the label",
+                waypoint.labelled,
+                crate::traffic::USE_WAYPOINT
+            )))
+        }
         Err(err) => Err(err.into()),
     }
 }
@@ -1341,6 +1409,15 @@ async fn cleanup(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
             .await?;
     }
     let (route, route_name) = &plan.route;
+    // The route of the other Istio mode too, should the mode have changed without a route update since.
+    if rollout.spec.provider == crate::api::Provider::Istio
+        && let Some(uid) = rollout.metadata.uid.as_deref()
+    {
+        let other = router_for_mode(rollout.spec.provider, !ambient).api_resource();
+        let others: Api<DynamicObject> =
+            Api::namespaced_with(ctx.client.clone(), &names.namespace, &other);
+        delete_if_owned(&others, route_name, uid).await?;
+    }
     let routes: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), &names.namespace, route);
     delete_if_present(&routes, route_name).await?;
@@ -1361,6 +1438,23 @@ async fn cleanup(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
         .forget_rollout(&names.namespace, &rollout.name_any(), &metrics);
     tracing::info!(rollout = %rollout.name_any(), namespace = %names.namespace, "cleaned up; traffic is back on the target");
     Ok(Action::await_change())
+}
+
+/// Deletes `name` if it exists and `owner_uid` owns it; a resource the cluster does not serve holds nothing.
+async fn delete_if_owned(
+    api: &Api<DynamicObject>,
+    name: &str,
+    owner_uid: &str,
+) -> Result<(), Error> {
+    let live = match api.get_opt(name).await {
+        Ok(live) => live,
+        Err(kube::Error::Api(status)) if status.code == 404 => None,
+        Err(err) => return Err(err.into()),
+    };
+    if live.is_some_and(|o| o.owner_references().iter().any(|r| r.uid == owner_uid)) {
+        delete_if_present(api, name).await?;
+    }
+    Ok(())
 }
 
 async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<(), Error>

@@ -31,8 +31,8 @@ pub enum ProviderError {
     )]
     Unreachable { url: String, reason: String },
     #[error(
-        "the metrics server at {url} refused Sluice's query ({status}): check the credentials in the \
-         MetricTemplate's secretRef (username and password, or token) and its headers (such as a tenant's \
+        "the metrics server at {url} refused Sluice's query ({status}): check the credentials it expects \
+         (a MetricTemplate's secretRef: username and password, or token) and headers (such as a tenant's \
          X-Scope-OrgID)"
     )]
     Unauthorized { url: String, status: u16 },
@@ -96,6 +96,29 @@ impl ProviderError {
             Self::InvalidMetric { .. } => "MetricInvalid",
         }
     }
+}
+
+/// A comparison with the primary needs a query that names the workload: one that reads the same series for
+/// `<target>` and `<target>-primary` would compare the canary with itself and always pass.
+fn primary_is_selected(
+    provider: Provider,
+    metric: &Metric,
+    ctx: &QueryContext,
+) -> Result<(), ProviderError> {
+    let invalid = |source| ProviderError::InvalidMetric {
+        metric: metric.name.clone(),
+        source,
+    };
+    let canary = queries_for(provider, metric, ctx).map_err(invalid)?;
+    let primary_ctx = QueryContext {
+        target: format!("{}-primary", ctx.target),
+        ..ctx.clone()
+    };
+    let primary = queries_for(provider, metric, &primary_ctx).map_err(invalid)?;
+    if canary.value == primary.value {
+        return Err(invalid(QueryError::PrimaryNotSelected));
+    }
+    Ok(())
 }
 
 /// Credentials for a metrics server.
@@ -284,6 +307,9 @@ impl Prometheus {
         metric: &Metric,
         ctx: &QueryContext,
     ) -> Result<Observation, ProviderError> {
+        if metric.primary_comparison.is_some() {
+            primary_is_selected(provider, metric, ctx)?;
+        }
         let (queries, measured, count) = self.measure(provider, metric, ctx).await?;
         let min_requests = queries.requests.as_ref().and(metric.min_requests);
         let own = judge_parts(&metric.threshold_range, min_requests, measured, count);
@@ -295,6 +321,7 @@ impl Prometheus {
                     target: format!("{}-primary", ctx.target),
                     ..ctx.clone()
                 };
+
                 let (_, primary, primary_count) =
                     self.measure(provider, metric, &primary_ctx).await?;
                 let verdict = judge_against_primary(
@@ -548,6 +575,53 @@ mod tests {
             )
             .contains("hunter2")
         );
+    }
+
+    #[test]
+    fn a_comparison_with_the_primary_needs_a_query_that_selects_the_target() {
+        let ctx = QueryContext {
+            namespace: "shop".into(),
+            target: "web".into(),
+            service: "web".into(),
+            interval: "1m".into(),
+            ..Default::default()
+        };
+        let metric = |query: Option<&str>| Metric {
+            name: "errors".into(),
+            query: query.map(Into::into),
+            threshold_range: crate::api::ThresholdRange {
+                min: None,
+                max: Some(1.0),
+            },
+            interval: None,
+            min_requests: None,
+            on_no_data: crate::api::NoDataPolicy::Hold,
+            template_variables: Default::default(),
+            dry_run: false,
+            template_ref: None,
+            primary_comparison: Some(crate::api::PrimaryComparison {
+                max_delta: Some(0.5),
+                ..Default::default()
+            }),
+        };
+        let by_service = metric(Some("sum(rate(x{svc=\"{{ service }}\"}[{{ interval }}]))"));
+        let err = primary_is_selected(Provider::Istio, &by_service, &ctx).err();
+        assert!(
+            err.as_ref()
+                .is_some_and(|e| e.to_string().contains("does not use {{ target }}")),
+            "{err:?}"
+        );
+        let by_target = metric(Some("sum(rate(x{w=\"{{ target }}\"}[{{ interval }}]))"));
+        assert!(primary_is_selected(Provider::Istio, &by_target, &ctx).is_ok());
+        assert!(
+            primary_is_selected(Provider::Istio, &metric(None), &ctx).is_err(),
+            "errors is no builtin"
+        );
+        let builtin = Metric {
+            name: crate::api::REQUEST_SUCCESS_RATE.into(),
+            ..metric(None)
+        };
+        assert!(primary_is_selected(Provider::Istio, &builtin, &ctx).is_ok());
     }
 
     #[test]

@@ -52,6 +52,12 @@ pub enum QueryError {
     UnknownMetric { metric: String },
     #[error("interval {interval:?} is not a duration; write it like 30s, 1m or 1m30s")]
     BadInterval { interval: String },
+    #[error(
+        "primaryComparison compares the query with {{{{ target }}}} as the canary and as <target>-primary, but \
+         this query does not use {{{{ target }}}}, so both sides would be the same series: select the workload \
+         with {{{{ target }}}}"
+    )]
+    PrimaryNotSelected,
 }
 
 /// Replaces every `{{ placeholder }}` of `template` (spaces inside the braces are optional).

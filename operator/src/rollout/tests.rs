@@ -497,6 +497,26 @@ fn a_dry_run_metric_is_reported_but_never_gates() {
 }
 
 #[test]
+fn with_every_metric_dry_run_a_release_walks_its_steps_on_time_alone() {
+    let mut spec = two_metric_spec("cumulative", "fail");
+    for metric in &mut spec.analysis.metrics {
+        metric.dry_run = true;
+    }
+    let mut world = initialized(spec);
+    world.new_revision("r2");
+    world.health = Health::Bad;
+    world.run(120);
+    assert_eq!(
+        world.phase(),
+        Some(RolloutPhase::Succeeded),
+        "{:?}",
+        world.status.message
+    );
+    assert_eq!(world.weights(), vec![0, 10, 20, 30, 40, 0]);
+    assert_eq!(world.status.failed_checks, 0);
+}
+
+#[test]
 fn unavailable_metrics_freeze_then_roll_back_at_the_deadline() {
     let mut world = initialized(canary_spec());
     world.new_revision("r2");

@@ -352,9 +352,13 @@ pub fn missing_waypoint(waypoint: &Waypoint) -> String {
 
 /// What to tell a user whose cluster does not serve the route resource `provider` needs (its CRD is not
 /// installed): which resource, which field chose it, and what to install.
-pub fn missing_route_api(provider: Provider) -> String {
-    let resource = router_for(provider).api_resource();
+pub fn missing_route_api(provider: Provider, ambient: bool) -> String {
+    let resource = router_for_mode(provider, ambient).api_resource();
     let (name, install) = match provider {
+        Provider::Istio if ambient => (
+            "istio (ambient mode, with a waypoint)",
+            "install the Gateway API CRDs (Istio ambient splits traffic with an HTTPRoute)",
+        ),
         Provider::Istio => (
             "istio",
             "install Istio (`istioctl install`, or the istio/base Helm chart for the CRDs alone)",
@@ -511,7 +515,7 @@ pub(crate) mod tests {
             ),
         ];
         for (provider, resource, field, install) in cases {
-            let message = missing_route_api(provider);
+            let message = missing_route_api(provider, false);
             for wanted in [resource, field, install, "spec.provider"] {
                 assert!(
                     message.contains(wanted),
@@ -562,6 +566,11 @@ pub(crate) mod tests {
         assert_eq!(
             router_for_mode(Provider::Consul, true).api_resource().kind,
             "ServiceSplitter"
+        );
+        let ambient = missing_route_api(Provider::Istio, true);
+        assert!(
+            ambient.contains("HTTPRoute") && ambient.contains("ambient"),
+            "{ambient}"
         );
         let message = missing_waypoint(&Waypoint {
             name: "waypoint".into(),
