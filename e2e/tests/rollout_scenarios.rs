@@ -2186,6 +2186,27 @@ async fn an_ambient_rollout_is_shifted_on_an_httproute_and_judged_from_the_waypo
         "{:?}",
         ready.conditions
     );
+
+    // Leaving ambient mode: the split moves to a VirtualService and the HTTPRoute goes, rather than both
+    // routing at once.
+    s.cluster
+        .kubectl
+        .ok(&["label", "namespace", NS, "istio.io/use-waypoint-"]);
+    let http_routes: Api<DynamicObject> = Api::namespaced_with(
+        s.client.clone(),
+        NS,
+        &router_for(Provider::GatewayApi).api_resource(),
+    );
+    eventually(
+        "the VirtualService instead of the HTTPRoute",
+        Duration::from_secs(90),
+        async || {
+            let virtual_service = virtual_services.get_opt("podinfo").await.ok()??;
+            let gone = http_routes.get_opt("podinfo").await.ok()?.is_none();
+            gone.then_some(virtual_service)
+        },
+    )
+    .await;
     s.stop().await;
 }
 
