@@ -2211,6 +2211,131 @@ async fn an_ambient_rollout_is_shifted_on_an_httproute_and_judged_from_the_waypo
     s.stop().await;
 }
 
+/// What the stand-in Datadog answers, and the windows (`to - from`, seconds) and queries it was asked.
+#[derive(Default)]
+struct FakeDatadog {
+    value: Mutex<f64>,
+    asked: Mutex<Vec<(i64, String)>>,
+}
+
+/// Datadog's query API as its documentation describes it (`GET /api/v1/query` with `from`, `to` and `query`,
+/// keys in `DD-API-KEY` and `DD-APPLICATION-KEY`, `{"series": [{"pointlist": [[ms, value]]}]}`), played on a
+/// free loopback port: there is no Datadog on this machine.
+async fn start_fake_datadog(state: Arc<FakeDatadog>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use axum::extract::{Query, State};
+    use axum::http::{HeaderMap, StatusCode};
+    async fn query(
+        State(state): State<Arc<FakeDatadog>>,
+        headers: HeaderMap,
+        Query(params): Query<std::collections::HashMap<String, String>>,
+    ) -> (StatusCode, axum::Json<Value>) {
+        let key = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+        };
+        if key("dd-api-key") != "api-123" || key("dd-application-key") != "app-456" {
+            return (
+                StatusCode::FORBIDDEN,
+                axum::Json(json!({"errors": ["Forbidden"]})),
+            );
+        }
+        let number = |name: &str| params.get(name).and_then(|v| v.parse::<i64>().ok());
+        let (Some(from), Some(to), Some(q)) = (number("from"), number("to"), params.get("query"))
+        else {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({"errors": ["from, to and query are required"]})),
+            );
+        };
+        if let Ok(mut asked) = state.asked.lock() {
+            asked.push((to - from, q.clone()));
+        }
+        let value = state.value.lock().map(|v| *v).unwrap_or(f64::NAN);
+        (
+            StatusCode::OK,
+            axum::Json(
+                json!({"status": "ok", "query": q, "from_date": from * 1000, "to_date": to * 1000,
+                              "series": [{"metric": "errors", "pointlist": [[(to - 10) * 1000, 0.0], [to * 1000, value]]}]}),
+            ),
+        )
+    }
+    let app = axum::Router::new()
+        .route("/api/v1/query", axum::routing::get(query))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a free loopback port");
+    let addr = listener.local_addr().expect("bound address");
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, task)
+}
+
+/// A Datadog MetricTemplate (against Datadog's documented API shapes, on a loopback stand-in): its keys come
+/// from the Secret, its window is the metric's cut to the stage (`to - from`), a low error rate is promoted and a
+/// high one rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_datadog_metric_template_judges_releases() {
+    let analysis = json!({
+        "interval": "1s", "threshold": 2, "stepWeight": 20, "maxWeight": 60,
+        "metrics": [{"name": "dd-errors", "templateRef": {"name": "dd-errors"}, "interval": "30s",
+                     "thresholdRange": {"max": 1}}]
+    });
+    let s = Scenario::start(Provider::Istio, analysis, 60).await;
+    let initialized = s.rollout().await.status.unwrap_or_default().revision;
+    let datadog = Arc::new(FakeDatadog::default());
+    let (addr, task) = start_fake_datadog(datadog.clone()).await;
+    let objects = [
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "dd-keys", "namespace": NS},
+               "stringData": {"datadog_api_key": "api-123", "datadog_application_key": "app-456"}}),
+        json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "MetricTemplate",
+               "metadata": {"name": "dd-errors", "namespace": NS},
+               "spec": {"provider": {"type": "datadog", "address": format!("http://{addr}"),
+                                     "secretRef": {"name": "dd-keys"}},
+                        "query": "sum:trace.http.request.errors{service:{{ target }}}.as_rate()"}}),
+    ];
+    for object in objects {
+        let out = s
+            .cluster
+            .kubectl
+            .run_with_stdin(&["apply", "-f", "-"], &object.to_string());
+        assert!(out.success, "{}", out.stderr);
+    }
+    if let Ok(mut value) = datadog.value.lock() {
+        *value = 0.2;
+    }
+    s.release("podinfo:2", json!({})).await;
+    let good = next_outcome(&s, initialized).await;
+    assert_eq!(good.phase, Some(RolloutPhase::Succeeded), "{good:?}");
+    let asked = datadog.asked.lock().map(|a| a.clone()).unwrap_or_default();
+    assert!(!asked.is_empty());
+    for (window, query) in &asked {
+        assert_eq!(
+            query,
+            "sum:trace.http.request.errors{service:podinfo}.as_rate()"
+        );
+        assert!((1..=30).contains(window), "window {window}s");
+    }
+    assert!(
+        asked.iter().any(|(window, _)| *window < 30),
+        "the first checks of a stage ask for less than the metric's 30 s: {asked:?}"
+    );
+
+    if let Ok(mut value) = datadog.value.lock() {
+        *value = 5.0;
+    }
+    s.release("podinfo:3", json!({})).await;
+    let bad = next_outcome(&s, good.revision.clone()).await;
+    assert_eq!(bad.phase, Some(RolloutPhase::Failed), "{bad:?}");
+    let message = bad.message.unwrap_or_default();
+    assert!(message.contains("dd-errors 5.00"), "{message}");
+    task.abort();
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_missing_mesh_crd_is_reported_then_picked_up_once_installed() {
     let cluster = cluster().await;

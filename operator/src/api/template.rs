@@ -50,12 +50,13 @@ pub struct MetricProvider {
     #[serde(rename = "type")]
     pub type_: MetricProviderType,
     /// Base URL of the API, e.g. `http://thanos-query.monitoring:9090` or `https://mimir.example.com/prometheus`;
-    /// defaults to the operator's `--prometheus-url`.
+    /// defaults to the operator's `--prometheus-url` (Prometheus) or `https://api.datadoghq.com` (Datadog).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://"))]
     pub address: Option<String>,
-    /// A Secret in the template's namespace with `username` and `password` (basic auth) or `token` (bearer), and
-    /// optionally `ca.crt` (PEM) to trust for TLS.
+    /// A Secret in the template's namespace. Prometheus: `username` and `password` (basic auth) or `token`
+    /// (bearer), and optionally `ca.crt` (PEM) to trust for TLS. Datadog: `datadog_api_key` and
+    /// `datadog_application_key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretRef>,
     /// Headers sent with every query, e.g. `X-Scope-OrgID` for a Mimir, Cortex or Thanos tenant. Not for
@@ -74,6 +75,8 @@ pub enum MetricProviderType {
     /// The Prometheus HTTP API: Prometheus, Thanos, Mimir, Cortex, VictoriaMetrics, and Azure Monitor's and
     /// Amazon's managed Prometheus behind a proxy that signs requests.
     Prometheus,
+    /// Datadog's metrics query API; the Secret holds `datadog_api_key` and `datadog_application_key`.
+    Datadog,
 }
 
 /// `analysis.metrics[].templateRef`.

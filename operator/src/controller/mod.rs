@@ -31,7 +31,7 @@ use crate::api::{
     RolloutAlert, RolloutStatus, TargetKind, Verdict, WebhookType,
 };
 
-use crate::metrics::{Prometheus, QueryContext};
+use crate::metrics::{MetricServer, Prometheus, QueryContext};
 use crate::notify::{Deliverer, Notification, Severity, Sink};
 use crate::rollout::{
     Checks, Desired, Gate, NextMove, Observed, PlanInput, checks_due, hooks_due, next_move, plan,
@@ -107,7 +107,7 @@ pub struct Context {
     /// Alert used by Rollouts that configure none (`--default-alert-provider`).
     pub default_alert: Option<RolloutAlert>,
     /// Clients for `MetricTemplate` servers, by template uid and template and Secret resourceVersions.
-    template_servers: std::sync::Mutex<std::collections::HashMap<String, Prometheus>>,
+    template_servers: std::sync::Mutex<std::collections::HashMap<String, MetricServer>>,
     /// Consecutive failed reconciles per Rollout, for exponential backoff.
     failures: std::sync::Mutex<std::collections::HashMap<ObjectRef<Rollout>, u32>>,
     /// The last `confirm-rollout` refusal per Rollout: (when, revision, hook and why). Reused for one interval,
@@ -826,7 +826,7 @@ async fn run_checks(rollout: &Rollout, names: &Names, ctx: &Context, waypoint: b
         let (metric, server, source) = match &written.template_ref {
             None => (
                 std::borrow::Cow::Borrowed(written),
-                ctx.prometheus.clone(),
+                MetricServer::Prometheus(ctx.prometheus.clone()),
                 None,
             ),
             Some(template) => match metric_template(&names.namespace, written, template, ctx).await
@@ -895,7 +895,7 @@ async fn metric_template(
     metric: &crate::api::Metric,
     template: &crate::api::TemplateRef,
     ctx: &Context,
-) -> Result<(String, Prometheus, String), String> {
+) -> Result<(String, MetricServer, String), String> {
     let template_ns = template.namespace.as_deref().unwrap_or(namespace);
     let which = format!(
         "MetricTemplate {template_ns}/{} (templateRef of metric {:?})",
@@ -969,14 +969,45 @@ async fn metric_template(
             .map(|(k, v)| (k, v.0))
             .collect()
     });
-    let access = crate::metrics::ServerAccess::of(provider, data.as_ref())
-        .map_err(|why| format!("{which}: {why}"))?;
-    let address = provider
-        .address
-        .clone()
-        .unwrap_or_else(|| ctx.prometheus.url().to_owned());
-    let server = Prometheus::with_access(&address, ctx.prometheus.timeout(), &access)
-        .map_err(|e| format!("{which}: {e}"))?;
+    let server = match provider.type_ {
+        crate::api::MetricProviderType::Prometheus => {
+            let access = crate::metrics::ServerAccess::of(provider, data.as_ref())
+                .map_err(|why| format!("{which}: {why}"))?;
+            let address = provider
+                .address
+                .clone()
+                .unwrap_or_else(|| ctx.prometheus.url().to_owned());
+            MetricServer::Prometheus(
+                Prometheus::with_access(&address, ctx.prometheus.timeout(), &access)
+                    .map_err(|e| format!("{which}: {e}"))?,
+            )
+        }
+        crate::api::MetricProviderType::Datadog => {
+            let key = |name: &str| {
+                data.as_ref()
+                    .and_then(|d| d.get(name))
+                    .and_then(|v| String::from_utf8(v.clone()).ok())
+                    .map(|v| v.trim_end_matches(['\r', '\n']).to_owned())
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| {
+                        format!("{which}: the provider's secretRef Secret needs the key {name} (Datadog)")
+                    })
+            };
+            let address = provider
+                .address
+                .as_deref()
+                .unwrap_or(crate::metrics::DEFAULT_DATADOG_ADDRESS);
+            MetricServer::Datadog(
+                crate::metrics::Datadog::new(
+                    address,
+                    ctx.prometheus.timeout(),
+                    key("datadog_api_key")?,
+                    key("datadog_application_key")?,
+                )
+                .map_err(|e| format!("{which}: {e}"))?,
+            )
+        }
+    };
     let mut servers = ctx
         .template_servers
         .lock()

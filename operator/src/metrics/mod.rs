@@ -7,14 +7,18 @@
 //!   the rollout and retries, and rolls back only after the progress deadline.
 
 mod builtin;
+mod datadog;
 mod prometheus;
 mod query;
 mod verdict;
 
 pub use builtin::{MetricQueries, builtin};
+pub use datadog::{DEFAULT_DATADOG_ADDRESS, Datadog};
 pub use prometheus::{Auth, Prometheus, ProviderError, ServerAccess, install_crypto_provider};
 pub use query::{QueryContext, QueryError, promql_duration, render, window};
 pub use verdict::judge;
+
+use std::time::Duration;
 
 use crate::api::{Metric, Provider, Verdict};
 
@@ -61,6 +65,62 @@ pub fn queries_for(
         None => builtin(provider, &metric.name, &ctx).ok_or_else(|| QueryError::UnknownMetric {
             metric: metric.name.clone(),
         }),
+    }
+}
+
+/// A comparison with the primary needs a query that names the workload: one that reads the same series for
+/// `<target>` and `<target>-primary` would compare the canary with itself and always pass.
+pub(crate) fn primary_is_selected(
+    provider: Provider,
+    metric: &Metric,
+    ctx: &QueryContext,
+) -> Result<(), ProviderError> {
+    let invalid = |source| ProviderError::InvalidMetric {
+        metric: metric.name.clone(),
+        source,
+    };
+    let canary = queries_for(provider, metric, ctx).map_err(invalid)?;
+    let primary_ctx = QueryContext {
+        target: format!("{}-primary", ctx.target),
+        ..ctx.clone()
+    };
+    let primary = queries_for(provider, metric, &primary_ctx).map_err(invalid)?;
+    if canary.value == primary.value {
+        return Err(invalid(QueryError::PrimaryNotSelected));
+    }
+    Ok(())
+}
+
+/// The length of a metric's query window (see [`window`]): its `interval`, else the analysis interval, cut to
+/// the stage's age.
+pub fn window_length(metric: &Metric, ctx: &QueryContext) -> Result<Duration, QueryError> {
+    let written = metric
+        .interval
+        .as_ref()
+        .map_or(ctx.interval.as_str(), |own| own.0.as_str());
+    let text = window(written, ctx.stage_age)?;
+    crate::api::parse_duration(&text).ok_or(QueryError::BadInterval { interval: text })
+}
+
+/// A server that answers a metric's query.
+#[derive(Clone, Debug)]
+pub enum MetricServer {
+    Prometheus(Prometheus),
+    Datadog(Datadog),
+}
+
+impl MetricServer {
+    /// Measures `metric` for the workload in `ctx` and judges it.
+    pub async fn observe(
+        &self,
+        provider: Provider,
+        metric: &Metric,
+        ctx: &QueryContext,
+    ) -> Result<Observation, ProviderError> {
+        match self {
+            Self::Prometheus(server) => server.observe(provider, metric, ctx).await,
+            Self::Datadog(server) => server.observe(provider, metric, ctx).await,
+        }
     }
 }
 

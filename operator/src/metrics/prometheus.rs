@@ -98,29 +98,6 @@ impl ProviderError {
     }
 }
 
-/// A comparison with the primary needs a query that names the workload: one that reads the same series for
-/// `<target>` and `<target>-primary` would compare the canary with itself and always pass.
-fn primary_is_selected(
-    provider: Provider,
-    metric: &Metric,
-    ctx: &QueryContext,
-) -> Result<(), ProviderError> {
-    let invalid = |source| ProviderError::InvalidMetric {
-        metric: metric.name.clone(),
-        source,
-    };
-    let canary = queries_for(provider, metric, ctx).map_err(invalid)?;
-    let primary_ctx = QueryContext {
-        target: format!("{}-primary", ctx.target),
-        ..ctx.clone()
-    };
-    let primary = queries_for(provider, metric, &primary_ctx).map_err(invalid)?;
-    if canary.value == primary.value {
-        return Err(invalid(QueryError::PrimaryNotSelected));
-    }
-    Ok(())
-}
-
 /// Credentials for a metrics server.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Auth {
@@ -308,7 +285,7 @@ impl Prometheus {
         ctx: &QueryContext,
     ) -> Result<Observation, ProviderError> {
         if metric.primary_comparison.is_some() {
-            primary_is_selected(provider, metric, ctx)?;
+            super::primary_is_selected(provider, metric, ctx)?;
         }
         let (queries, measured, count) = self.measure(provider, metric, ctx).await?;
         let min_requests = queries.requests.as_ref().and(metric.min_requests);
@@ -605,23 +582,23 @@ mod tests {
             }),
         };
         let by_service = metric(Some("sum(rate(x{svc=\"{{ service }}\"}[{{ interval }}]))"));
-        let err = primary_is_selected(Provider::Istio, &by_service, &ctx).err();
+        let err = super::super::primary_is_selected(Provider::Istio, &by_service, &ctx).err();
         assert!(
             err.as_ref()
                 .is_some_and(|e| e.to_string().contains("does not use {{ target }}")),
             "{err:?}"
         );
         let by_target = metric(Some("sum(rate(x{w=\"{{ target }}\"}[{{ interval }}]))"));
-        assert!(primary_is_selected(Provider::Istio, &by_target, &ctx).is_ok());
+        assert!(super::super::primary_is_selected(Provider::Istio, &by_target, &ctx).is_ok());
         assert!(
-            primary_is_selected(Provider::Istio, &metric(None), &ctx).is_err(),
+            super::super::primary_is_selected(Provider::Istio, &metric(None), &ctx).is_err(),
             "errors is no builtin"
         );
         let builtin = Metric {
             name: crate::api::REQUEST_SUCCESS_RATE.into(),
             ..metric(None)
         };
-        assert!(primary_is_selected(Provider::Istio, &builtin, &ctx).is_ok());
+        assert!(super::super::primary_is_selected(Provider::Istio, &builtin, &ctx).is_ok());
     }
 
     #[test]
