@@ -1860,9 +1860,10 @@ async fn back_to_back_releases_are_judged_only_on_their_own_traffic() {
 }
 
 /// A metric judged against the primary (`primaryComparison`): when both versions share a flaky dependency, a
-/// canary as good as the primary is promoted although neither meets a 99% floor, and one three points worse is
-/// rolled back although it stays above the absolute floor it also has. (The margins are wide against the noise
-/// of a few seconds' window at 50 requests per second.)
+/// canary as good as the primary is promoted although neither meets a 99% floor, and one five points worse is
+/// rolled back although it stays above the absolute floor it also has. The margins (1.5 points either side of
+/// `minDelta`, at least) are wide against the noise of a few seconds' window at 50 requests per second on a
+/// loaded machine: a CI run saw 95.90 against 96.92 for a nominal 96.5 against 97.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_canary_is_judged_against_the_primary() {
     let analysis = json!({
@@ -1896,7 +1897,7 @@ async fn a_canary_is_judged_against_the_primary() {
         "the primary's value is reported: {verdict:?}"
     );
 
-    s.mesh.set("podinfo", NS, failing(0.06));
+    s.mesh.set("podinfo", NS, failing(0.08));
     s.release("podinfo:3", json!({})).await;
     let worse = next_outcome(&s, as_good.revision.clone()).await;
     assert_eq!(worse.phase, Some(RolloutPhase::Failed), "{worse:?}");
