@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use sluice::api::{AuthorizationPolicy, Rollout, RolloutPhase};
 use sluice_e2e::alertmanager::AlertmanagerServer;
 use sluice_e2e::harness::{Cluster, OperatorProcess, repo_root, sluice_binary, start_cluster};
-use sluice_e2e::prometheus::{FakeMesh, PrometheusServer, WorkloadTraffic, free_port};
+use sluice_e2e::prometheus::{FakeMesh, PrometheusServer, WorkloadTraffic};
 
 const NS: &str = "default";
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -257,40 +257,62 @@ async fn demo() -> Result<(), Failure> {
     println!(
         "revision {revision} ready in {policy_took:.1?} (tests passed, bundle served with ETag and long polling)"
     );
-    let (grpc, http, admin) = (free_port()?, free_port()?, free_port()?);
-    let _authz = KillOnDrop(
-        Command::new(sluice_binary()?)
-            .args([
-                "authz",
-                "--bundle",
-                &format!("{}/bundles/{NS}/podinfo-authz", operator.bundle_url),
-            ])
-            .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
-            .args(["--http-addr", &format!("127.0.0.1:{http}")])
-            .args([
-                "--metrics-addr",
-                &format!("127.0.0.1:{admin}"),
-                "--decision-log-rate",
-                "0",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
+    // A port picked free can be taken before `sluice authz` binds it on a busy machine: a start that exits is
+    // tried again on new ports, and what it said is kept for the error.
     let web = reqwest::Client::new();
-    let ready_started = Instant::now();
-    while web
-        .get(format!("http://127.0.0.1:{admin}/readyz"))
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        if ready_started.elapsed() > Duration::from_secs(20) {
-            return Err("sluice authz never became ready".into());
+    let authz_log =
+        std::env::temp_dir().join(format!("sluice-demo-authz-{}.log", std::process::id()));
+    let mut authz_started = None;
+    for _attempt in 0..3 {
+        let (grpc, http, admin) = distinct_ports()?;
+        let mut child = KillOnDrop(
+            Command::new(sluice_binary()?)
+                .args([
+                    "authz",
+                    "--bundle",
+                    &format!("{}/bundles/{NS}/podinfo-authz", operator.bundle_url),
+                ])
+                .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
+                .args(["--http-addr", &format!("127.0.0.1:{http}")])
+                .args([
+                    "--metrics-addr",
+                    &format!("127.0.0.1:{admin}"),
+                    "--decision-log-rate",
+                    "0",
+                ])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&authz_log)?)
+                .spawn()?,
+        );
+        let ready_started = Instant::now();
+        let mut exited = false;
+        while ready_started.elapsed() < Duration::from_secs(20) {
+            let ready = web
+                .get(format!("http://127.0.0.1:{admin}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if ready {
+                break;
+            }
+            if child.0.try_wait().ok().flatten().is_some() {
+                exited = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        if !exited && ready_started.elapsed() < Duration::from_secs(20) {
+            authz_started = Some((child, http));
+            break;
+        }
+        if !exited {
+            break;
+        }
     }
+    let Some((_authz, http)) = authz_started else {
+        let said = std::fs::read_to_string(&authz_log).unwrap_or_default();
+        return Err(format!("sluice authz never became ready; it said:\n{said}").into());
+    };
     let base: SocketAddr = format!("127.0.0.1:{http}").parse()?;
     let allowed = web
         .get(format!("http://{base}/api/info"))
@@ -334,4 +356,15 @@ async fn demo() -> Result<(), Failure> {
     control_plane.stop();
     drop((mesh, prometheus, alertmanager, dir));
     Ok(())
+}
+
+/// Three free loopback ports, all different: the listeners are held until all three are known.
+fn distinct_ports() -> std::io::Result<(u16, u16, u16)> {
+    let bind = || std::net::TcpListener::bind(("127.0.0.1", 0));
+    let (a, b, c) = (bind()?, bind()?, bind()?);
+    Ok((
+        a.local_addr()?.port(),
+        b.local_addr()?.port(),
+        c.local_addr()?.port(),
+    ))
 }
