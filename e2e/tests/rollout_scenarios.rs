@@ -1913,6 +1913,18 @@ struct ProxyLog {
     refused: std::sync::atomic::AtomicUsize,
 }
 
+/// Serves `app` on a free loopback port until the returned task is aborted (or the test ends).
+async fn serve_on_loopback(app: axum::Router) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a free loopback port");
+    let addr = listener.local_addr().expect("bound address");
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, task)
+}
+
 /// Starts a proxy to `upstream` on a free loopback port that forwards only requests carrying
 /// `Authorization: Bearer <token>` and `X-Scope-OrgID: <tenant>`, and answers 401 to the rest.
 async fn start_auth_proxy(
@@ -1988,14 +2000,7 @@ async fn start_auth_proxy(
             }
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("a free loopback port");
-    let addr = listener.local_addr().expect("bound address");
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (addr, task)
+    serve_on_loopback(app).await
 }
 
 /// A `MetricTemplate` sends its query to its own server with the credentials of its Secret and its tenant
@@ -2265,14 +2270,7 @@ async fn start_fake_datadog(state: Arc<FakeDatadog>) -> (SocketAddr, tokio::task
     let app = axum::Router::new()
         .route("/api/v1/query", axum::routing::get(query))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("a free loopback port");
-    let addr = listener.local_addr().expect("bound address");
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (addr, task)
+    serve_on_loopback(app).await
 }
 
 /// A Datadog MetricTemplate (against Datadog's documented API shapes, on a loopback stand-in): its keys come
@@ -2477,17 +2475,10 @@ async fn start_receiver(receiver: SharedReceiver) -> SocketAddr {
         r.accepted.push((id, json, signature, body.to_vec()));
         StatusCode::OK
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let app = axum::Router::new()
         .route("/hook", axum::routing::post(hook))
         .with_state(receiver);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    addr
+    serve_on_loopback(app).await.0
 }
 
 const HMAC_KEY: &str = "s3cr3t";
@@ -2901,12 +2892,7 @@ async fn start_hooks(open: Arc<std::sync::atomic::AtomicBool>, log: HookLog) -> 
             },
         ),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
+    serve_on_loopback(app).await.0
 }
 
 /// A confirm-promotion webhook holds the release at its last step (outside the progress deadline) until it

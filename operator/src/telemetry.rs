@@ -325,16 +325,11 @@ mod tests {
             ..RolloutStatus::default()
         };
         let status = RolloutStatus {
-            verdicts: vec![crate::api::MetricVerdict {
-                name: "request-success-rate".into(),
-                verdict: crate::api::Verdict::Pass,
-                value: Some(99.5),
-                checked_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                    jiff::Timestamp::UNIX_EPOCH,
-                ),
-                dry_run: false,
-                primary_value: None,
-            }],
+            verdicts: vec![crate::api::MetricVerdict::at_epoch(
+                "request-success-rate",
+                crate::api::Verdict::Pass,
+                Some(99.5),
+            )],
             ..status
         };
         t.observe_rollout("test", "web", &status);

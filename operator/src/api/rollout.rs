@@ -704,6 +704,21 @@ pub struct MetricVerdict {
     pub primary_value: Option<f64>,
 }
 
+#[cfg(test)]
+impl MetricVerdict {
+    /// A gating verdict checked at the Unix epoch, for fixtures.
+    pub fn at_epoch(name: &str, verdict: Verdict, value: Option<f64>) -> Self {
+        Self {
+            name: name.to_owned(),
+            verdict,
+            value,
+            checked_at: Time(jiff::Timestamp::UNIX_EPOCH),
+            dry_run: false,
+            primary_value: None,
+        }
+    }
+}
+
 /// Outcome of one check. No data is never a pass.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]

@@ -232,25 +232,14 @@ mod tests {
     #[test]
     fn the_input_describes_the_rollout_and_its_checks() {
         let verdicts = [
+            MetricVerdict::at_epoch(
+                "request-success-rate",
+                crate::api::Verdict::Pass,
+                Some(99.5),
+            ),
             MetricVerdict {
-                name: "request-success-rate".into(),
-                verdict: crate::api::Verdict::Pass,
-                value: Some(99.5),
-                checked_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                    jiff::Timestamp::UNIX_EPOCH,
-                ),
-                dry_run: false,
-                primary_value: None,
-            },
-            MetricVerdict {
-                name: "p95".into(),
-                verdict: crate::api::Verdict::Fail,
-                value: Some(900.0),
-                checked_at: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                    jiff::Timestamp::UNIX_EPOCH,
-                ),
                 dry_run: true,
-                primary_value: None,
+                ..MetricVerdict::at_epoch("p95", crate::api::Verdict::Fail, Some(900.0))
             },
         ];
         let input = gate_input(

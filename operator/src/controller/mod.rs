@@ -1001,6 +1001,7 @@ async fn metric_template(
                 crate::metrics::Datadog::new(
                     address,
                     ctx.prometheus.timeout(),
+                    &crate::metrics::ServerAccess::transport(provider, data.as_ref()),
                     key("datadog_api_key")?,
                     key("datadog_application_key")?,
                 )

@@ -8,7 +8,8 @@ use serde_json::Value;
 
 use super::verdict::{judge_against_primary, judge_parts};
 use super::{
-    Observation, ProviderError, QueryContext, primary_is_selected, queries_for, window_length,
+    Observation, ProviderError, QueryContext, ServerAccess, primary_is_selected, queries_for,
+    window_length,
 };
 use crate::api::{Metric, Provider};
 
@@ -31,30 +32,16 @@ impl std::fmt::Debug for Datadog {
 }
 
 impl Datadog {
+    /// A client for the Datadog API at `url`; `access` brings extra headers and TLS trust (its credentials are
+    /// unused: Datadog takes its keys in headers of its own).
     pub fn new(
         url: &str,
         timeout: Duration,
+        access: &ServerAccess,
         api_key: String,
         application_key: String,
     ) -> Result<Self, ProviderError> {
-        let invalid = |reason: String| ProviderError::InvalidUrl {
-            url: url.to_owned(),
-            reason,
-        };
-        let parsed = reqwest::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
-        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
-            return Err(invalid(
-                "the scheme must be http or https and a host is needed".into(),
-            ));
-        }
-        super::install_crypto_provider();
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .build()
-            .map_err(|e| ProviderError::HttpClient {
-                reason: e.to_string(),
-            })?;
+        let http = super::prometheus::http_client(url, timeout, access)?;
         Ok(Self {
             http,
             url: url.trim_end_matches('/').to_owned(),
@@ -84,11 +71,7 @@ impl Datadog {
             None => (own, None),
             Some(comparison) => {
                 primary_is_selected(provider, metric, ctx)?;
-                let primary_ctx = QueryContext {
-                    target: format!("{}-primary", ctx.target),
-                    ..ctx.clone()
-                };
-                let primary_query = queries_for(provider, metric, &primary_ctx)
+                let primary_query = queries_for(provider, metric, &ctx.for_primary())
                     .map_err(invalid)?
                     .value;
                 let primary = self

@@ -80,11 +80,7 @@ pub(crate) fn primary_is_selected(
         source,
     };
     let canary = queries_for(provider, metric, ctx).map_err(invalid)?;
-    let primary_ctx = QueryContext {
-        target: format!("{}-primary", ctx.target),
-        ..ctx.clone()
-    };
-    let primary = queries_for(provider, metric, &primary_ctx).map_err(invalid)?;
+    let primary = queries_for(provider, metric, &ctx.for_primary()).map_err(invalid)?;
     if canary.value == primary.value {
         return Err(invalid(QueryError::PrimaryNotSelected));
     }

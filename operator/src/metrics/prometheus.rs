@@ -171,10 +171,22 @@ impl ServerAccess {
         };
         Ok(Self {
             auth,
-            headers: provider.headers.clone(),
-            ca_pem: data.get("ca.crt").cloned(),
-            insecure_skip_verify: provider.insecure_skip_verify,
+            ..Self::transport(provider, secret)
         })
+    }
+
+    /// What a provider's template and Secret say about reaching the server, credentials aside: extra headers,
+    /// the `ca.crt` to trust and `insecureSkipVerify`.
+    pub fn transport(
+        provider: &MetricProvider,
+        secret: Option<&BTreeMap<String, Vec<u8>>>,
+    ) -> Self {
+        Self {
+            auth: None,
+            headers: provider.headers.clone(),
+            ca_pem: secret.and_then(|data| data.get("ca.crt").cloned()),
+            insecure_skip_verify: provider.insecure_skip_verify,
+        }
     }
 }
 
@@ -208,51 +220,13 @@ impl Prometheus {
         timeout: Duration,
         access: &ServerAccess,
     ) -> Result<Self, ProviderError> {
-        let invalid = |reason: String| ProviderError::InvalidUrl {
-            url: url.to_owned(),
-            reason,
-        };
-        let parsed = reqwest::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
-        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
-            return Err(invalid(
-                "the scheme must be http or https and a host is needed".into(),
-            ));
-        }
-        install_crypto_provider();
-        let misconfigured = |reason: String| ProviderError::HttpClient { reason };
-        let mut headers = reqwest::header::HeaderMap::new();
-        for (name, value) in &access.headers {
-            let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
-                .map_err(|e| misconfigured(format!("header name {name:?}: {e}")))?;
-            let value = reqwest::header::HeaderValue::from_str(value)
-                .map_err(|e| misconfigured(format!("header {name}: {e}")))?;
-            headers.insert(name, value);
-        }
-        if let Some(auth) = &access.auth {
-            let mut value =
-                reqwest::header::HeaderValue::from_str(&auth.header_value()).map_err(|_| {
-                    misconfigured("the credentials hold characters a header cannot carry".into())
-                })?;
-            value.set_sensitive(true);
-            headers.insert(reqwest::header::AUTHORIZATION, value);
-        }
-        let mut builder = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .default_headers(headers)
-            .danger_accept_invalid_certs(access.insecure_skip_verify);
-        if let Some(pem) = &access.ca_pem {
-            for certificate in reqwest::Certificate::from_pem_bundle(pem)
-                .map_err(|e| misconfigured(format!("ca.crt is not PEM certificates: {e}")))?
-            {
-                builder = builder.add_root_certificate(certificate);
+        let http = http_client(url, timeout, access)?;
+        let client = prometheus_http_query::Client::from(http, url).map_err(|e| {
+            ProviderError::InvalidUrl {
+                url: url.to_owned(),
+                reason: e.to_string(),
             }
-        }
-        let http = builder.build().map_err(|e| ProviderError::HttpClient {
-            reason: error_chain(&e),
         })?;
-        let client =
-            prometheus_http_query::Client::from(http, url).map_err(|e| invalid(e.to_string()))?;
         Ok(Self {
             client,
             url: url.to_owned(),
@@ -294,13 +268,8 @@ impl Prometheus {
             None => (own, None),
             Some(comparison) => {
                 // The same query about the primary workload (Sluice names it `<target>-primary`).
-                let primary_ctx = QueryContext {
-                    target: format!("{}-primary", ctx.target),
-                    ..ctx.clone()
-                };
-
                 let (_, primary, primary_count) =
-                    self.measure(provider, metric, &primary_ctx).await?;
+                    self.measure(provider, metric, &ctx.for_primary()).await?;
                 let verdict = judge_against_primary(
                     comparison,
                     min_requests,
@@ -443,6 +412,59 @@ impl Prometheus {
             },
         }
     }
+}
+
+/// An HTTP client for the metrics server at `url` (http or https, with a host), sending `access`'s credentials
+/// and headers on every request and trusting its CA. Every request, connection included, gives up after
+/// `timeout`.
+pub(crate) fn http_client(
+    url: &str,
+    timeout: Duration,
+    access: &ServerAccess,
+) -> Result<reqwest::Client, ProviderError> {
+    let invalid = |reason: String| ProviderError::InvalidUrl {
+        url: url.to_owned(),
+        reason,
+    };
+    let parsed = reqwest::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(invalid(
+            "the scheme must be http or https and a host is needed".into(),
+        ));
+    }
+    install_crypto_provider();
+    let misconfigured = |reason: String| ProviderError::HttpClient { reason };
+    let mut headers = reqwest::header::HeaderMap::new();
+    for (name, value) in &access.headers {
+        let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|e| misconfigured(format!("header name {name:?}: {e}")))?;
+        let value = reqwest::header::HeaderValue::from_str(value)
+            .map_err(|e| misconfigured(format!("header {name}: {e}")))?;
+        headers.insert(name, value);
+    }
+    if let Some(auth) = &access.auth {
+        let mut value =
+            reqwest::header::HeaderValue::from_str(&auth.header_value()).map_err(|_| {
+                misconfigured("the credentials hold characters a header cannot carry".into())
+            })?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    let mut builder = reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .default_headers(headers)
+        .danger_accept_invalid_certs(access.insecure_skip_verify);
+    if let Some(pem) = &access.ca_pem {
+        for certificate in reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| misconfigured(format!("ca.crt is not PEM certificates: {e}")))?
+        {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    builder.build().map_err(|e| ProviderError::HttpClient {
+        reason: error_chain(&e),
+    })
 }
 
 /// rustls needs one process-wide crypto provider; Sluice uses ring, like its Kubernetes client, because aws-lc

@@ -28,6 +28,16 @@ pub struct QueryContext {
     pub waypoint: bool,
 }
 
+impl QueryContext {
+    /// The same context about the primary workload, which Sluice names `<target>-primary`.
+    pub fn for_primary(&self) -> Self {
+        Self {
+            target: format!("{}-primary", self.target),
+            ..self.clone()
+        }
+    }
+}
+
 /// A template that cannot become a query. Each names what to change.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum QueryError {
