@@ -3,5 +3,6 @@
 //! demo binary.
 
 pub mod alertmanager;
+pub mod graphite;
 pub mod harness;
 pub mod prometheus;

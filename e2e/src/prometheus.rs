@@ -35,16 +35,18 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Debug, Error)]
 pub enum HarnessError {
     #[error(
-        "cannot run {binary}: {source}; install Debian's `prometheus` package or set $PROMETHEUS to the binary"
+        "cannot run {binary}: {source}; install the Debian package that provides it (prometheus, \
+         prometheus-alertmanager, graphite-web) or point its variable at it ($PROMETHEUS, $ALERTMANAGER, \
+         $GRAPHITE_PYTHON)"
     )]
     Spawn {
         binary: String,
         #[source]
         source: io::Error,
     },
-    #[error("Prometheus exited while starting ({status}); its log ends with:\n{log}")]
+    #[error("the server exited while starting ({status}); its log ends with:\n{log}")]
     Exited { status: String, log: String },
-    #[error("Prometheus at {url} was not ready after {waited:?}; its log ends with:\n{log}")]
+    #[error("the server at {url} was not ready after {waited:?}; its log ends with:\n{log}")]
     NotReady {
         url: String,
         waited: Duration,

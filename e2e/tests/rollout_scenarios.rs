@@ -2335,6 +2335,72 @@ async fn a_datadog_metric_template_judges_releases() {
     s.stop().await;
 }
 
+/// A Graphite MetricTemplate on a real graphite-web: a release with 0.2% errors is promoted, one with 5% rolled
+/// back with the value in its message. A writer puts each second's errors and requests into whisper files, as
+/// carbon would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_graphite_metric_template_judges_releases() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let analysis = json!({
+        "interval": "1s", "threshold": 2, "stepWeight": 20, "maxWeight": 60,
+        "metrics": [{"name": "graphite-errors", "templateRef": {"name": "graphite-errors"},
+                     "interval": "30s", "thresholdRange": {"max": 1}}]
+    });
+    let s = Scenario::start(Provider::Istio, analysis, 60).await;
+    let initialized = s.rollout().await.status.unwrap_or_default().revision;
+    let graphite = Arc::new(
+        sluice_e2e::graphite::GraphiteServer::start()
+            .await
+            .expect("graphite-web starts"),
+    );
+    // Errors per 100 requests, in hundredths.
+    let errors = Arc::new(AtomicU64::new(20));
+    let writer = {
+        let (graphite, errors) = (graphite.clone(), errors.clone());
+        tokio::spawn(async move {
+            loop {
+                let (graphite, errors) = (graphite.clone(), errors.load(Ordering::Relaxed));
+                let _ = tokio::task::spawn_blocking(move || {
+                    let now = jiff::Timestamp::now().as_second();
+                    let seconds = [now - 1, now];
+                    graphite.write(
+                        "mesh.default.podinfo.requests",
+                        &seconds.map(|at| (at, 100.0)),
+                    )?;
+                    graphite.write(
+                        "mesh.default.podinfo.errors",
+                        &seconds.map(|at| (at, errors as f64 / 100.0)),
+                    )
+                })
+                .await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let template = json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "MetricTemplate",
+        "metadata": {"name": "graphite-errors", "namespace": NS},
+        "spec": {"provider": {"type": "graphite", "address": graphite.url()},
+                 "query": "target=asPercent(sumSeries(mesh.{{ namespace }}.{{ target }}.errors), sumSeries(mesh.{{ namespace }}.{{ target }}.requests))&from=-1h"}});
+    let out = s
+        .cluster
+        .kubectl
+        .run_with_stdin(&["apply", "-f", "-"], &template.to_string());
+    assert!(out.success, "{}", out.stderr);
+
+    s.release("podinfo:2", json!({})).await;
+    let good = next_outcome(&s, initialized).await;
+    assert_eq!(good.phase, Some(RolloutPhase::Succeeded), "{good:?}");
+
+    errors.store(500, Ordering::Relaxed);
+    s.release("podinfo:3", json!({})).await;
+    let bad = next_outcome(&s, good.revision.clone()).await;
+    assert_eq!(bad.phase, Some(RolloutPhase::Failed), "{bad:?}");
+    let message = bad.message.unwrap_or_default();
+    assert!(message.contains("graphite-errors 5.00"), "{message}");
+    writer.abort();
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_missing_mesh_crd_is_reported_then_picked_up_once_installed() {
     let cluster = cluster().await;

@@ -17,6 +17,9 @@ use clap::{Parser, Subcommand};
 const PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "prometheus"),
     ("prometheus-alertmanager", "prometheus-alertmanager"),
+    // The Graphite provider's tests run graphite-web and write whisper files.
+    ("graphite-manage", "graphite-web"),
+    ("whisper-create", "python3-whisper"),
 ];
 
 #[derive(Parser)]
@@ -99,7 +102,8 @@ fn ensure_packages() -> Result<(), String> {
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
-        println!("prometheus and prometheus-alertmanager are installed");
+        let installed: Vec<&str> = PACKAGES.iter().map(|(_, pkg)| *pkg).collect();
+        println!("{} are installed", installed.join(", "));
         return Ok(());
     }
     if !on_path("apt-get") {

@@ -414,6 +414,12 @@ mod tests {
             "metadata": {"name": "oncall", "namespace": "test"}, "spec": spec})
     }
 
+    fn metric_template(provider: Value) -> Value {
+        json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "MetricTemplate",
+            "metadata": {"name": "errors", "namespace": "test"},
+            "spec": {"provider": provider, "query": "target=x"}})
+    }
+
     fn authorization_policy(module: Value) -> Value {
         json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "AuthorizationPolicy",
             "metadata": {"name": "authz", "namespace": "test"},
@@ -446,6 +452,19 @@ mod tests {
                     alert_provider(json!({"type": "slack", "secretRef": {"name": "slack-url"}})),
                 ],
                 reject: vec![alert_provider(json!({"type": "slack", "channel": "#ops"}))],
+            },
+            RuleCases {
+                kind: "MetricTemplate",
+                path: ".spec.provider",
+                message: "a graphite provider needs an address",
+                accept: vec![
+                    metric_template(
+                        json!({"type": "graphite", "address": "http://graphite.monitoring"}),
+                    ),
+                    metric_template(json!({"type": "prometheus"})),
+                    metric_template(json!({"type": "datadog"})),
+                ],
+                reject: vec![metric_template(json!({"type": "graphite"}))],
             },
             RuleCases {
                 kind: "AuthorizationPolicy",

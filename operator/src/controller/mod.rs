@@ -982,6 +982,18 @@ async fn metric_template(
                     .map_err(|e| format!("{which}: {e}"))?,
             )
         }
+        crate::api::MetricProviderType::Graphite => {
+            let access = crate::metrics::ServerAccess::of(provider, data.as_ref())
+                .map_err(|why| format!("{which}: {why}"))?;
+            // The CRD requires an address for graphite; an object stored before that rule still gets a message.
+            let address = provider.address.as_deref().ok_or_else(|| {
+                format!("{which}: a graphite provider needs an address (the graphite-web base URL)")
+            })?;
+            MetricServer::Graphite(
+                crate::metrics::Graphite::new(address, ctx.prometheus.timeout(), &access)
+                    .map_err(|e| format!("{which}: {e}"))?,
+            )
+        }
         crate::api::MetricProviderType::Datadog => {
             let key = |name: &str| {
                 data.as_ref()

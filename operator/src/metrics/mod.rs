@@ -8,12 +8,14 @@
 
 mod builtin;
 mod datadog;
+mod graphite;
 mod prometheus;
 mod query;
 mod verdict;
 
 pub use builtin::{MetricQueries, builtin};
 pub use datadog::{DEFAULT_DATADOG_ADDRESS, Datadog};
+pub use graphite::Graphite;
 pub use prometheus::{Auth, Prometheus, ProviderError, ServerAccess, install_crypto_provider};
 pub use query::{QueryContext, QueryError, promql_duration, render, window};
 pub use verdict::judge;
@@ -103,6 +105,7 @@ pub fn window_length(metric: &Metric, ctx: &QueryContext) -> Result<Duration, Qu
 pub enum MetricServer {
     Prometheus(Prometheus),
     Datadog(Datadog),
+    Graphite(Graphite),
 }
 
 impl MetricServer {
@@ -116,6 +119,7 @@ impl MetricServer {
         match self {
             Self::Prometheus(server) => server.observe(provider, metric, ctx).await,
             Self::Datadog(server) => server.observe(provider, metric, ctx).await,
+            Self::Graphite(server) => server.observe(provider, metric, ctx).await,
         }
     }
 }

@@ -26,8 +26,8 @@ pub enum ProviderError {
     #[error("cannot set up the HTTP client for Prometheus: {reason}")]
     HttpClient { reason: String },
     #[error(
-        "Prometheus at {url} is unreachable: {reason}; check --prometheus-url and that Prometheus is \
-         running (rollouts stay frozen until it answers)"
+        "the metrics server at {url} is unreachable: {reason}; check its address (--prometheus-url, or the \
+         MetricTemplate's provider.address) and that it is running (rollouts stay frozen until it answers)"
     )]
     Unreachable { url: String, reason: String },
     #[error(
@@ -37,8 +37,9 @@ pub enum ProviderError {
     )]
     Unauthorized { url: String, status: u16 },
     #[error(
-        "Prometheus at {url} answered with something that is not a Prometheus API response: {reason}; \
-         check that --prometheus-url points at Prometheus itself (not a UI or proxy path)"
+        "the metrics server at {url} answered with something that is not its API's response: {reason}; \
+         check that the address (--prometheus-url, or the MetricTemplate's provider.address) points at the \
+         API itself (not a UI or proxy path)"
     )]
     BadResponse { url: String, reason: String },
     #[error("Prometheus rejected the query{}: {reason}; fix the PromQL: {query}", for_metric(.metric))]
@@ -477,7 +478,7 @@ pub fn install_crypto_provider() {
 }
 
 /// An error and all its causes, e.g. "error sending request: client error (Connect): Connection refused".
-fn error_chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
