@@ -5,4 +5,5 @@
 pub mod alertmanager;
 pub mod graphite;
 pub mod harness;
+pub mod influxdb;
 pub mod prometheus;

@@ -20,6 +20,8 @@ const PACKAGES: &[(&str, &str)] = &[
     // The Graphite provider's tests run graphite-web and write whisper files.
     ("graphite-manage", "graphite-web"),
     ("whisper-create", "python3-whisper"),
+    // The InfluxDB provider's InfluxQL tests run influxd 1.x.
+    ("influxd", "influxdb"),
 ];
 
 #[derive(Parser)]

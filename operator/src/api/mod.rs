@@ -456,15 +456,21 @@ mod tests {
             RuleCases {
                 kind: "MetricTemplate",
                 path: ".spec.provider",
-                message: "a graphite provider needs an address",
+                message: "graphite and influxdb providers need an address",
                 accept: vec![
                     metric_template(
                         json!({"type": "graphite", "address": "http://graphite.monitoring"}),
                     ),
                     metric_template(json!({"type": "prometheus"})),
+                    metric_template(
+                        json!({"type": "influxdb", "address": "http://influxdb.monitoring:8086"}),
+                    ),
                     metric_template(json!({"type": "datadog"})),
                 ],
-                reject: vec![metric_template(json!({"type": "graphite"}))],
+                reject: vec![
+                    metric_template(json!({"type": "graphite"})),
+                    metric_template(json!({"type": "influxdb"})),
+                ],
             },
             RuleCases {
                 kind: "AuthorizationPolicy",

@@ -45,20 +45,21 @@ pub struct MetricTemplateSpec {
 /// Where a template's query runs, and how Sluice authenticates there.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.type != 'graphite' || has(self.address)").message("a graphite provider needs an address (the graphite-web base URL)"))]
+#[x_kube(validation = Rule::new("!(self.type in ['graphite', 'influxdb']) || has(self.address)").message("graphite and influxdb providers need an address (the server's base URL)"))]
 pub struct MetricProvider {
     /// The server's API.
     #[serde(rename = "type")]
     pub type_: MetricProviderType,
     /// Base URL of the API, e.g. `http://thanos-query.monitoring:9090` or `https://mimir.example.com/prometheus`;
     /// defaults to the operator's `--prometheus-url` (Prometheus) or `https://api.datadoghq.com` (Datadog);
-    /// required for Graphite.
+    /// required for Graphite and InfluxDB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://"))]
     pub address: Option<String>,
     /// A Secret in the template's namespace. Prometheus: `username` and `password` (basic auth) or `token`
-    /// (bearer), and optionally `ca.crt` (PEM) to trust for TLS. Graphite: the same. Datadog: `datadog_api_key`
-    /// and `datadog_application_key` (and optionally `ca.crt`).
+    /// (bearer), and optionally `ca.crt` (PEM) to trust for TLS. Graphite: the same. InfluxDB: `token` (sent as
+    /// `Token ...`) and `org` for Flux, or `username` and `password` (1.x). Datadog: `datadog_api_key` and
+    /// `datadog_application_key` (and optionally `ca.crt`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretRef>,
     /// Headers sent with every query, e.g. `X-Scope-OrgID` for a Mimir, Cortex or Thanos tenant. Not for
@@ -82,6 +83,9 @@ pub enum MetricProviderType {
     /// Graphite's render API (graphite-web, or anything that serves `/render?format=json`): the query is the
     /// render parameters, e.g. `target=asPercent(sumSeries(...), sumSeries(...))`; Sluice sets `from` and `until`.
     Graphite,
+    /// InfluxDB: a Flux query (Flagger's, `org` in the Secret) through `/api/v2/query`, or an InfluxQL one
+    /// (starting with `SELECT`) through `/query`. Select the range with `{{ interval }}`.
+    Influxdb,
 }
 
 /// `analysis.metrics[].templateRef`.

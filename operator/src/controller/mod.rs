@@ -994,6 +994,26 @@ async fn metric_template(
                     .map_err(|e| format!("{which}: {e}"))?,
             )
         }
+        crate::api::MetricProviderType::Influxdb => {
+            let access = crate::metrics::ServerAccess::of(provider, data.as_ref())
+                .map_err(|why| format!("{which}: {why}"))?;
+            let address = provider.address.as_deref().ok_or_else(|| {
+                format!("{which}: an influxdb provider needs an address (the InfluxDB base URL)")
+            })?;
+            let org = data
+                .as_ref()
+                .and_then(|d| d.get("org"))
+                .map(|v| {
+                    String::from_utf8(v.clone())
+                        .map(|org| org.trim_end_matches(['\r', '\n']).to_owned())
+                        .map_err(|_| format!("{which}: key org of the Secret is not UTF-8 text"))
+                })
+                .transpose()?;
+            MetricServer::InfluxDb(
+                crate::metrics::InfluxDb::new(address, ctx.prometheus.timeout(), &access, org)
+                    .map_err(|e| format!("{which}: {e}"))?,
+            )
+        }
         crate::api::MetricProviderType::Datadog => {
             let key = |name: &str| {
                 data.as_ref()

@@ -9,10 +9,9 @@ use serde_json::Value;
 
 use super::verdict::{judge_against_primary, judge_parts};
 use super::{
-    Observation, ProviderError, QueryContext, ServerAccess, primary_is_selected, queries_for,
-    window_length,
+    Observation, ProviderError, QueryContext, ServerAccess, primary_is_selected, query_in_seconds,
 };
-use crate::api::{DurationString, Metric, Provider};
+use crate::api::{Metric, Provider};
 
 /// A graphite-web (or compatible) render API.
 #[derive(Clone)]
@@ -53,28 +52,15 @@ impl Graphite {
             metric: metric.name.clone(),
             source,
         };
-        let window = window_length(metric, ctx).map_err(invalid)?;
-        // Graphite reads `1m` as an error (its minutes are `min`); whole seconds mean the same to both.
-        let in_seconds = Metric {
-            interval: Some(DurationString(format!("{}s", window.as_secs().max(1)))),
-            ..metric.clone()
-        };
-        let whole_stage = QueryContext {
-            stage_age: None,
-            ..ctx.clone()
-        };
-        let query = queries_for(provider, &in_seconds, &whole_stage)
-            .map_err(invalid)?
-            .value;
+        let (query, window) = query_in_seconds(provider, metric, ctx).map_err(invalid)?;
         let measured = self.last_point(&metric.name, &query, window).await?;
         let own = judge_parts(&metric.threshold_range, None, measured, None);
         let (verdict, primary_value) = match &metric.primary_comparison {
             None => (own, None),
             Some(comparison) => {
                 primary_is_selected(provider, metric, ctx)?;
-                let primary_query = queries_for(provider, &in_seconds, &whole_stage.for_primary())
-                    .map_err(invalid)?
-                    .value;
+                let (primary_query, _) =
+                    query_in_seconds(provider, metric, &ctx.for_primary()).map_err(invalid)?;
                 let primary = self
                     .last_point(&metric.name, &primary_query, window)
                     .await?;

@@ -9,6 +9,7 @@
 mod builtin;
 mod datadog;
 mod graphite;
+mod influxdb;
 mod prometheus;
 mod query;
 mod verdict;
@@ -16,6 +17,7 @@ mod verdict;
 pub use builtin::{MetricQueries, builtin};
 pub use datadog::{DEFAULT_DATADOG_ADDRESS, Datadog};
 pub use graphite::Graphite;
+pub use influxdb::InfluxDb;
 pub use prometheus::{Auth, Prometheus, ProviderError, ServerAccess, install_crypto_provider};
 pub use query::{QueryContext, QueryError, promql_duration, render, window};
 pub use verdict::judge;
@@ -70,6 +72,30 @@ pub fn queries_for(
     }
 }
 
+/// The query of a provider whose query language is not PromQL (Graphite, InfluxDB...), and its window: the
+/// metric's `interval` cut to the stage ([`window_length`]). `{{ interval }}` is that window in whole seconds
+/// (`90s`), which every such language reads, where PromQL's `1m` or `1m30s` are errors in some of them.
+pub(crate) fn query_in_seconds(
+    provider: Provider,
+    metric: &Metric,
+    ctx: &QueryContext,
+) -> Result<(String, Duration), QueryError> {
+    let window = window_length(metric, ctx)?;
+    let in_seconds = Metric {
+        interval: Some(crate::api::DurationString(format!(
+            "{}s",
+            window.as_secs().max(1)
+        ))),
+        ..metric.clone()
+    };
+    let whole_stage = QueryContext {
+        stage_age: None,
+        ..ctx.clone()
+    };
+    let query = queries_for(provider, &in_seconds, &whole_stage)?.value;
+    Ok((query, window))
+}
+
 /// A comparison with the primary needs a query that names the workload: one that reads the same series for
 /// `<target>` and `<target>-primary` would compare the canary with itself and always pass.
 pub(crate) fn primary_is_selected(
@@ -106,6 +132,7 @@ pub enum MetricServer {
     Prometheus(Prometheus),
     Datadog(Datadog),
     Graphite(Graphite),
+    InfluxDb(InfluxDb),
 }
 
 impl MetricServer {
@@ -120,6 +147,7 @@ impl MetricServer {
             Self::Prometheus(server) => server.observe(provider, metric, ctx).await,
             Self::Datadog(server) => server.observe(provider, metric, ctx).await,
             Self::Graphite(server) => server.observe(provider, metric, ctx).await,
+            Self::InfluxDb(server) => server.observe(provider, metric, ctx).await,
         }
     }
 }

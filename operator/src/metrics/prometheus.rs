@@ -102,8 +102,13 @@ impl ProviderError {
 /// Credentials for a metrics server.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Auth {
-    Basic { username: String, password: String },
+    Basic {
+        username: String,
+        password: String,
+    },
     Bearer(String),
+    /// InfluxDB's own scheme, `Authorization: Token ...`.
+    Token(String),
 }
 
 impl Auth {
@@ -115,6 +120,7 @@ impl Auth {
                 base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"))
             ),
             Auth::Bearer(token) => format!("Bearer {token}"),
+            Auth::Token(token) => format!("Token {token}"),
         }
     }
 }
@@ -124,6 +130,7 @@ impl fmt::Debug for Auth {
         match self {
             Auth::Basic { username, .. } => write!(f, "Basic({username}, <redacted>)"),
             Auth::Bearer(_) => f.write_str("Bearer(<redacted>)"),
+            Auth::Token(_) => f.write_str("Token(<redacted>)"),
         }
     }
 }
