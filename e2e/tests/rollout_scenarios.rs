@@ -2401,6 +2401,77 @@ async fn a_graphite_metric_template_judges_releases() {
     s.stop().await;
 }
 
+/// A New Relic MetricTemplate (against NerdGraph's documented shapes, on a loopback stand-in): the account and
+/// user key come from the Secret, a low error percentage is promoted and a high one rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_relic_metric_template_judges_releases() {
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let analysis = json!({
+        "interval": "1s", "threshold": 2, "stepWeight": 20, "maxWeight": 60,
+        "metrics": [{"name": "nr-errors", "templateRef": {"name": "nr-errors"}, "interval": "30s",
+                     "thresholdRange": {"max": 1}}]
+    });
+    let s = Scenario::start(Provider::Istio, analysis, 60).await;
+    let initialized = s.rollout().await.status.unwrap_or_default().revision;
+    // The error percentage New Relic reports, in hundredths.
+    let percentage = Arc::new(AtomicU64::new(20));
+    async fn nerdgraph(
+        State(percentage): State<Arc<AtomicU64>>,
+        headers: HeaderMap,
+        body: String,
+    ) -> (StatusCode, axum::Json<Value>) {
+        let body: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        let key = headers.get("api-key").and_then(|v| v.to_str().ok());
+        if key != Some("NRAK-123") || body["variables"]["account"] != 42 {
+            return (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(json!({"errors": [{"message": "Invalid API key"}]})),
+            );
+        }
+        let value = percentage.load(Ordering::Relaxed) as f64 / 100.0;
+        (
+            StatusCode::OK,
+            axum::Json(
+                json!({"data": {"actor": {"account": {"nrql": {"results": [{"percentage": value}]}}}}}),
+            ),
+        )
+    }
+    let app = axum::Router::new()
+        .route("/graphql", axum::routing::post(nerdgraph))
+        .with_state(percentage.clone());
+    let (addr, task) = serve_on_loopback(app).await;
+    let objects = [
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "newrelic", "namespace": NS},
+               "stringData": {"newrelic_account_id": "42", "newrelic_api_key": "NRAK-123"}}),
+        json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "MetricTemplate",
+               "metadata": {"name": "nr-errors", "namespace": NS},
+               "spec": {"provider": {"type": "newrelic", "address": format!("http://{addr}/graphql"),
+                                     "secretRef": {"name": "newrelic"}},
+                        "query": "SELECT percentage(count(*), WHERE error IS true) FROM Transaction WHERE appName = '{{ target }}'"}}),
+    ];
+    for object in objects {
+        let out = s
+            .cluster
+            .kubectl
+            .run_with_stdin(&["apply", "-f", "-"], &object.to_string());
+        assert!(out.success, "{}", out.stderr);
+    }
+    s.release("podinfo:2", json!({})).await;
+    let good = next_outcome(&s, initialized).await;
+    assert_eq!(good.phase, Some(RolloutPhase::Succeeded), "{good:?}");
+
+    percentage.store(500, Ordering::Relaxed);
+    s.release("podinfo:3", json!({})).await;
+    let bad = next_outcome(&s, good.revision.clone()).await;
+    assert_eq!(bad.phase, Some(RolloutPhase::Failed), "{bad:?}");
+    let message = bad.message.unwrap_or_default();
+    assert!(message.contains("nr-errors 5.00"), "{message}");
+    task.abort();
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_missing_mesh_crd_is_reported_then_picked_up_once_installed() {
     let cluster = cluster().await;

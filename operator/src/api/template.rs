@@ -51,14 +51,16 @@ pub struct MetricProvider {
     #[serde(rename = "type")]
     pub type_: MetricProviderType,
     /// Base URL of the API, e.g. `http://thanos-query.monitoring:9090` or `https://mimir.example.com/prometheus`;
-    /// defaults to the operator's `--prometheus-url` (Prometheus) or `https://api.datadoghq.com` (Datadog);
+    /// defaults to the operator's `--prometheus-url` (Prometheus), `https://api.datadoghq.com` (Datadog) or
+    /// New Relic's US endpoint for the Secret's key (NerdGraph, or Insights for a query key);
     /// required for Graphite and InfluxDB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://"))]
     pub address: Option<String>,
     /// A Secret in the template's namespace. Prometheus: `username` and `password` (basic auth) or `token`
     /// (bearer), and optionally `ca.crt` (PEM) to trust for TLS. Graphite: the same. InfluxDB: `token` (sent as
-    /// `Token ...`) and `org` for Flux, or `username` and `password` (1.x). Datadog: `datadog_api_key` and
+    /// `Token ...`) and `org` for Flux, or `username` and `password` (1.x). New Relic: `newrelic_account_id` and
+    /// `newrelic_api_key` (NerdGraph) or `newrelic_query_key` (Insights). Datadog: `datadog_api_key` and
     /// `datadog_application_key` (and optionally `ca.crt`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretRef>,
@@ -86,6 +88,9 @@ pub enum MetricProviderType {
     /// InfluxDB: a Flux query (Flagger's, `org` in the Secret) through `/api/v2/query`, or an InfluxQL one
     /// (starting with `SELECT`) through `/query`. Select the range with `{{ interval }}`.
     Influxdb,
+    /// New Relic: NRQL through NerdGraph (or the Insights query API for a query key); Sluice appends
+    /// `SINCE <window> SECONDS AGO`.
+    Newrelic,
 }
 
 /// `analysis.metrics[].templateRef`.

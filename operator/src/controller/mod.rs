@@ -1014,6 +1014,48 @@ async fn metric_template(
                     .map_err(|e| format!("{which}: {e}"))?,
             )
         }
+        crate::api::MetricProviderType::Newrelic => {
+            let text = |name: &str| {
+                data.as_ref()
+                    .and_then(|d| d.get(name))
+                    .and_then(|v| String::from_utf8(v.clone()).ok())
+                    .map(|v| v.trim_end_matches(['\r', '\n']).to_owned())
+                    .filter(|v| !v.is_empty())
+            };
+            let account = text("newrelic_account_id")
+                .ok_or_else(|| {
+                    format!("{which}: the provider's secretRef Secret needs the key newrelic_account_id (New Relic)")
+                })?;
+            let account = account.parse::<u64>().map_err(|_| {
+                format!("{which}: newrelic_account_id {account:?} is not an account number")
+            })?;
+            let key = match (text("newrelic_api_key"), text("newrelic_query_key")) {
+                (Some(user), None) => crate::metrics::NewRelicKey::User(user),
+                (None, Some(query)) => crate::metrics::NewRelicKey::InsightsQuery(query),
+                (Some(_), Some(_)) => {
+                    return Err(format!(
+                        "{which}: the Secret holds both newrelic_api_key and newrelic_query_key: keep one \
+                         (newrelic_api_key for NerdGraph)"
+                    ));
+                }
+                (None, None) => {
+                    return Err(format!(
+                        "{which}: the provider's secretRef Secret needs newrelic_api_key (a user key, for \
+                         NerdGraph) or newrelic_query_key (Insights)"
+                    ));
+                }
+            };
+            MetricServer::NewRelic(
+                crate::metrics::NewRelic::new(
+                    provider.address.as_deref(),
+                    ctx.prometheus.timeout(),
+                    &crate::metrics::ServerAccess::transport(provider, data.as_ref()),
+                    account,
+                    key,
+                )
+                .map_err(|e| format!("{which}: {e}"))?,
+            )
+        }
         crate::api::MetricProviderType::Datadog => {
             let key = |name: &str| {
                 data.as_ref()

@@ -10,6 +10,7 @@ mod builtin;
 mod datadog;
 mod graphite;
 mod influxdb;
+mod newrelic;
 mod prometheus;
 mod query;
 mod verdict;
@@ -18,6 +19,7 @@ pub use builtin::{MetricQueries, builtin};
 pub use datadog::{DEFAULT_DATADOG_ADDRESS, Datadog};
 pub use graphite::Graphite;
 pub use influxdb::InfluxDb;
+pub use newrelic::{DEFAULT_INSIGHTS_ADDRESS, DEFAULT_NERDGRAPH_ADDRESS, NewRelic, NewRelicKey};
 pub use prometheus::{Auth, Prometheus, ProviderError, ServerAccess, install_crypto_provider};
 pub use query::{QueryContext, QueryError, promql_duration, render, window};
 pub use verdict::judge;
@@ -133,6 +135,7 @@ pub enum MetricServer {
     Datadog(Datadog),
     Graphite(Graphite),
     InfluxDb(InfluxDb),
+    NewRelic(NewRelic),
 }
 
 impl MetricServer {
@@ -148,6 +151,7 @@ impl MetricServer {
             Self::Datadog(server) => server.observe(provider, metric, ctx).await,
             Self::Graphite(server) => server.observe(provider, metric, ctx).await,
             Self::InfluxDb(server) => server.observe(provider, metric, ctx).await,
+            Self::NewRelic(server) => server.observe(provider, metric, ctx).await,
         }
     }
 }
