@@ -191,7 +191,7 @@ impl NewRelic {
                     url: self.url.clone(),
                     reason: "no NRQL results in the answer".into(),
                 })?;
-        results_value(results).map_err(|reason| query_error(reason))
+        results_value(results).map_err(query_error)
     }
 }
 
