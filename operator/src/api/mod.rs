@@ -456,7 +456,7 @@ mod tests {
             RuleCases {
                 kind: "MetricTemplate",
                 path: ".spec.provider",
-                message: "graphite and influxdb providers need an address",
+                message: "graphite, influxdb and azuremonitor providers need an address",
                 accept: vec![
                     metric_template(
                         json!({"type": "graphite", "address": "http://graphite.monitoring"}),
@@ -470,6 +470,7 @@ mod tests {
                 reject: vec![
                     metric_template(json!({"type": "graphite"})),
                     metric_template(json!({"type": "influxdb"})),
+                    metric_template(json!({"type": "azuremonitor"})),
                 ],
             },
             RuleCases {

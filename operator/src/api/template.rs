@@ -45,7 +45,7 @@ pub struct MetricTemplateSpec {
 /// Where a template's query runs, and how Sluice authenticates there.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!(self.type in ['graphite', 'influxdb']) || has(self.address)").message("graphite and influxdb providers need an address (the server's base URL)"))]
+#[x_kube(validation = Rule::new("!(self.type in ['graphite', 'influxdb', 'azuremonitor']) || has(self.address)").message("graphite, influxdb and azuremonitor providers need an address (the server's base URL)"))]
 pub struct MetricProvider {
     /// The server's API.
     #[serde(rename = "type")]
@@ -53,14 +53,15 @@ pub struct MetricProvider {
     /// Base URL of the API, e.g. `http://thanos-query.monitoring:9090` or `https://mimir.example.com/prometheus`;
     /// defaults to the operator's `--prometheus-url` (Prometheus), `https://api.datadoghq.com` (Datadog) or
     /// New Relic's US endpoint for the Secret's key (NerdGraph, or Insights for a query key);
-    /// required for Graphite and InfluxDB.
+    /// required for Graphite, InfluxDB and Azure Monitor (the workspace's query endpoint).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://"))]
     pub address: Option<String>,
     /// A Secret in the template's namespace. Prometheus: `username` and `password` (basic auth) or `token`
     /// (bearer), and optionally `ca.crt` (PEM) to trust for TLS. Graphite: the same. InfluxDB: `token` (sent as
     /// `Token ...`) and `org` for Flux, or `username` and `password` (1.x). New Relic: `newrelic_account_id` and
-    /// `newrelic_api_key` (NerdGraph) or `newrelic_query_key` (Insights). Datadog: `datadog_api_key` and
+    /// `newrelic_api_key` (NerdGraph) or `newrelic_query_key` (Insights). Azure Monitor: `clientId`, `tenantId`
+    /// and `clientSecret`, or none for the operator's workload identity. Datadog: `datadog_api_key` and
     /// `datadog_application_key` (and optionally `ca.crt`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretRef>,
@@ -91,6 +92,10 @@ pub enum MetricProviderType {
     /// New Relic: NRQL through NerdGraph (or the Insights query API for a query key); Sluice appends
     /// `SINCE <window> SECONDS AGO`.
     Newrelic,
+    /// Azure Monitor managed Prometheus: PromQL against a workspace's query endpoint (the address, required),
+    /// with an Entra ID token from the operator's workload identity or the Secret's `clientId`, `tenantId` and
+    /// `clientSecret`.
+    Azuremonitor,
 }
 
 /// `analysis.metrics[].templateRef`.

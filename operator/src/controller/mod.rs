@@ -1014,14 +1014,38 @@ async fn metric_template(
                     .map_err(|e| format!("{which}: {e}"))?,
             )
         }
+        crate::api::MetricProviderType::Azuremonitor => {
+            let address = provider.address.as_deref().ok_or_else(|| {
+                format!("{which}: an azuremonitor provider needs the workspace's query endpoint as address")
+            })?;
+            if provider.insecure_skip_verify {
+                return Err(format!(
+                    "{which}: an azuremonitor provider does not take insecureSkipVerify: it sends an Entra ID \
+                     token, which must only reach Azure Monitor"
+                ));
+            }
+            let cloud =
+                crate::metrics::azure_cloud(address).map_err(|e| format!("{which}: {e}"))?;
+            let credential = crate::metrics::EntraCredential::resolve(
+                |key| secret_text(data.as_ref(), key),
+                |name| std::env::var(name).ok().filter(|v| !v.is_empty()),
+                cloud,
+            )
+            .map_err(|e| format!("{which}: {e}"))?;
+            let token = crate::metrics::EntraToken::new(credential, ctx.prometheus.timeout())
+                .map_err(|e| format!("{which}: {e}"))?;
+            MetricServer::Prometheus(
+                Prometheus::with_entra_token(
+                    address,
+                    ctx.prometheus.timeout(),
+                    &crate::metrics::ServerAccess::transport(provider, data.as_ref()),
+                    token,
+                )
+                .map_err(|e| format!("{which}: {e}"))?,
+            )
+        }
         crate::api::MetricProviderType::Newrelic => {
-            let text = |name: &str| {
-                data.as_ref()
-                    .and_then(|d| d.get(name))
-                    .and_then(|v| String::from_utf8(v.clone()).ok())
-                    .map(|v| v.trim_end_matches(['\r', '\n']).to_owned())
-                    .filter(|v| !v.is_empty())
-            };
+            let text = |name: &str| secret_text(data.as_ref(), name);
             let account = text("newrelic_account_id")
                 .ok_or_else(|| {
                     format!("{which}: the provider's secretRef Secret needs the key newrelic_account_id (New Relic)")
@@ -1093,6 +1117,17 @@ async fn metric_template(
     }
     servers.insert(key, server.clone());
     Ok((query, server, which))
+}
+
+/// A text value of a Secret's data, without a trailing newline; `None` when absent, empty or not UTF-8.
+fn secret_text(
+    data: Option<&std::collections::BTreeMap<String, Vec<u8>>>,
+    key: &str,
+) -> Option<String> {
+    data.and_then(|d| d.get(key))
+        .and_then(|v| String::from_utf8(v.clone()).ok())
+        .map(|v| v.trim_end_matches(['\r', '\n']).to_owned())
+        .filter(|v| !v.is_empty())
 }
 
 /// Brings workloads, Services and the route to `desired`, in an order that never drops traffic.

@@ -6,6 +6,7 @@
 //! - an error (Prometheus unreachable, PromQL rejected, several series) is never a verdict: the caller freezes
 //!   the rollout and retries, and rolls back only after the progress deadline.
 
+mod azure;
 mod builtin;
 mod datadog;
 mod graphite;
@@ -15,6 +16,7 @@ mod prometheus;
 mod query;
 mod verdict;
 
+pub use azure::{EntraCredential, EntraSecret, EntraToken, azure_cloud};
 pub use builtin::{MetricQueries, builtin};
 pub use datadog::{DEFAULT_DATADOG_ADDRESS, Datadog};
 pub use graphite::Graphite;

@@ -68,6 +68,12 @@ pub enum ProviderError {
         metric: Option<String>,
         query: String,
     },
+    #[error(
+        "cannot get an Entra ID token from {url}: {reason}; check the MetricTemplate's Secret (clientId, \
+         tenantId, clientSecret) or the operator's workload identity, and that the identity has the \
+         Monitoring Data Reader role on the Azure Monitor workspace"
+    )]
+    Token { url: String, reason: String },
     #[error("metric {metric:?}: {source}")]
     InvalidMetric {
         metric: String,
@@ -91,6 +97,7 @@ impl ProviderError {
             Self::Unreachable { .. } => "PrometheusUnreachable",
             Self::BadResponse { .. } => "PrometheusBadResponse",
             Self::Unauthorized { .. } => "PrometheusUnauthorized",
+            Self::Token { .. } => "MetricTokenFailed",
             Self::Query { .. } | Self::NotOneSeries { .. } | Self::RangeVector { .. } => {
                 "MetricQueryFailed"
             }
@@ -204,6 +211,8 @@ pub struct Prometheus {
     client: prometheus_http_query::Client,
     url: String,
     timeout: Duration,
+    /// Azure Monitor: a bearer token from Entra ID on every query.
+    entra: Option<std::sync::Arc<super::azure::EntraToken>>,
 }
 
 impl fmt::Debug for Prometheus {
@@ -239,6 +248,21 @@ impl Prometheus {
             client,
             url: url.to_owned(),
             timeout,
+            entra: None,
+        })
+    }
+
+    /// An Azure Monitor workspace's query endpoint: [`Prometheus::with_access`] plus an Entra ID token on
+    /// every query.
+    pub fn with_entra_token(
+        url: &str,
+        timeout: Duration,
+        access: &ServerAccess,
+        token: super::azure::EntraToken,
+    ) -> Result<Self, ProviderError> {
+        Ok(Self {
+            entra: Some(std::sync::Arc::new(token)),
+            ..Self::with_access(url, timeout, access)?
         })
     }
 
@@ -330,13 +354,28 @@ impl Prometheus {
         query: &str,
     ) -> Result<Option<f64>, ProviderError> {
         let timeout_ms = i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX);
-        let result = self
-            .client
-            .query(query)
-            .timeout(timeout_ms)
-            .get()
-            .await
-            .map_err(|e| self.classify(e, metric, query))?;
+        let mut request = self.client.query(query).timeout(timeout_ms);
+        if let Some(entra) = &self.entra {
+            let token = entra.access_token().await?;
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| ProviderError::Token {
+                    url: self.url.clone(),
+                    reason: "the access token is not header text".into(),
+                })?;
+            value.set_sensitive(true);
+            request = request.header(reqwest::header::AUTHORIZATION, value);
+        }
+        let response = request.get_raw().await.map_err(|e| self.unanswered(e))?;
+        let result = match self.read_answer(response, metric, query).await {
+            Ok(result) => result,
+            Err(error) => {
+                if let (ProviderError::Unauthorized { .. }, Some(entra)) = (&error, &self.entra) {
+                    // Revoked, or its role changed: the next check asks Entra ID for a new one.
+                    entra.forget().await;
+                }
+                return Err(error);
+            }
+        };
         match result.data() {
             Data::Scalar(sample) => Ok(Some(sample.value())),
             Data::Vector(series) => match series.as_slice() {
@@ -361,55 +400,103 @@ impl Prometheus {
         }
     }
 
-    fn classify(
+    /// Reads an answer by its status first: a 401/403 is a credentials problem whatever its body says (a proxy's
+    /// or Azure Monitor's JSON refusal is not a Prometheus response), then Prometheus' `status` field.
+    async fn read_answer(
         &self,
-        err: prometheus_http_query::Error,
+        response: reqwest::Response,
         metric: Option<&str>,
         query: &str,
-    ) -> ProviderError {
+    ) -> Result<prometheus_http_query::response::PromqlResult, ProviderError> {
+        let url = self.url.clone();
+        let status = response.status().as_u16();
+        if status == 401 || status == 403 {
+            return Err(ProviderError::Unauthorized { url, status });
+        }
+        let json_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("json"));
+        let body = response
+            .text()
+            .await
+            .map_err(|e| ProviderError::Unreachable {
+                url: url.clone(),
+                reason: error_chain(&e),
+            })?;
+        let first_line = || {
+            body.trim()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .take(200)
+                .collect::<String>()
+        };
+        let answer: Option<serde_json::Value> = json_type
+            .then(|| serde_json::from_str(&body).ok())
+            .flatten();
+        match answer
+            .as_ref()
+            .and_then(|a| a.get("status"))
+            .and_then(serde_json::Value::as_str)
+        {
+            Some("success") => answer
+                .as_ref()
+                .and_then(|a| a.get("data"))
+                .cloned()
+                .ok_or_else(|| "no data".to_owned())
+                .and_then(|data| serde_json::from_value(data).map_err(|e| e.to_string()))
+                .map_err(|reason| ProviderError::BadResponse {
+                    url,
+                    reason: format!("a success without a readable result: {reason}"),
+                }),
+            Some("error") => {
+                let field = |name: &str| {
+                    answer
+                        .as_ref()
+                        .and_then(|a| a.get(name))
+                        .and_then(serde_json::Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned()
+                };
+                Err(ProviderError::Query {
+                    metric: metric.map(str::to_owned),
+                    query: query.to_owned(),
+                    reason: format!("{}: {}", field("errorType"), field("error")),
+                })
+            }
+            // 5xx without a Prometheus body: Prometheus is starting, or a proxy cannot reach it.
+            _ if status >= 500 => Err(ProviderError::Unreachable {
+                url,
+                reason: format!("HTTP {status}: {}", first_line()),
+            }),
+            _ => Err(ProviderError::BadResponse {
+                url,
+                reason: format!(
+                    "HTTP {status}, not a Prometheus API answer: {}",
+                    first_line()
+                ),
+            }),
+        }
+    }
+
+    /// A request that got no answer: timed out, refused, or could not be sent.
+    fn unanswered(&self, err: prometheus_http_query::Error) -> ProviderError {
         use prometheus_http_query::Error;
         let url = self.url.clone();
         match err {
-            Error::Prometheus(e) => ProviderError::Query {
-                metric: metric.map(str::to_owned),
-                query: query.to_owned(),
-                reason: format!("{}: {}", e.error_type(), e.message()),
-            },
             Error::Client(e) => match e.inner() {
                 Some(inner) if inner.is_timeout() => ProviderError::Unreachable {
                     url,
                     reason: format!("no answer within {:?}", self.timeout),
                 },
-                Some(inner) if inner.is_connect() => ProviderError::Unreachable {
+                Some(inner) => ProviderError::Unreachable {
                     url,
                     reason: error_chain(inner),
                 },
-                Some(inner)
-                    if inner
-                        .status()
-                        .is_some_and(|s| s.as_u16() == 401 || s.as_u16() == 403) =>
-                {
-                    ProviderError::Unauthorized {
-                        url,
-                        status: inner.status().map_or(0, |s| s.as_u16()),
-                    }
-                }
-                // 5xx without a Prometheus error body: Prometheus is starting or a proxy cannot reach it.
-                Some(inner) if inner.status().is_some_and(|s| s.is_server_error()) => {
-                    ProviderError::Unreachable {
-                        url,
-                        reason: format!("{e} ({})", error_chain(inner)),
-                    }
-                }
-                Some(inner) if inner.is_request() => ProviderError::Unreachable {
-                    url,
-                    reason: error_chain(inner),
-                },
-                Some(inner) => ProviderError::BadResponse {
-                    url,
-                    reason: format!("{e}: {}", error_chain(inner)),
-                },
-                None => ProviderError::BadResponse {
+                None => ProviderError::Unreachable {
                     url,
                     reason: e.to_string(),
                 },
