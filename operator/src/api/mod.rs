@@ -474,6 +474,16 @@ mod tests {
                 ],
             },
             RuleCases {
+                kind: "MetricTemplate",
+                path: ".spec.provider",
+                message: "a cloudwatch provider needs a region",
+                accept: vec![
+                    metric_template(json!({"type": "cloudwatch", "region": "eu-west-1"})),
+                    metric_template(json!({"type": "prometheus"})),
+                ],
+                reject: vec![metric_template(json!({"type": "cloudwatch"}))],
+            },
+            RuleCases {
                 kind: "AuthorizationPolicy",
                 path: ".spec.modules[]",
                 message: "a module sets exactly one of rego or configMapRef",

@@ -45,7 +45,10 @@ pub struct MetricTemplateSpec {
 /// Where a template's query runs, and how Sluice authenticates there.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!(self.type in ['graphite', 'influxdb', 'azuremonitor']) || has(self.address)").message("graphite, influxdb and azuremonitor providers need an address (the server's base URL)"))]
+#[x_kube(
+    validation = Rule::new("!(self.type in ['graphite', 'influxdb', 'azuremonitor']) || has(self.address)").message("graphite, influxdb and azuremonitor providers need an address (the server's base URL)"),
+    validation = Rule::new("self.type != 'cloudwatch' || has(self.region)").message("a cloudwatch provider needs a region"),
+)]
 pub struct MetricProvider {
     /// The server's API.
     #[serde(rename = "type")]
@@ -69,6 +72,10 @@ pub struct MetricProvider {
     /// credentials: those belong in `secretRef`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
+    /// The AWS region of CloudWatch, e.g. `eu-west-1` (cloudwatch only; required there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"))]
+    pub region: Option<String>,
     /// Accept any TLS certificate (for tests; prefer `ca.crt` in the Secret).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure_skip_verify: bool,
@@ -96,6 +103,10 @@ pub enum MetricProviderType {
     /// with an Entra ID token from the operator's workload identity or the Secret's `clientId`, `tenantId` and
     /// `clientSecret`.
     Azuremonitor,
+    /// Amazon CloudWatch `GetMetricData`: the query is a JSON array of MetricDataQuery; `region` is required;
+    /// credentials from the Secret (`aws_access_key_id`, `aws_secret_access_key`, `aws_session_token`), the
+    /// operator's environment, or EKS Pod Identity.
+    Cloudwatch,
 }
 
 /// `analysis.metrics[].templateRef`.

@@ -1044,6 +1044,27 @@ async fn metric_template(
                 .map_err(|e| format!("{which}: {e}"))?,
             )
         }
+        crate::api::MetricProviderType::Cloudwatch => {
+            let region = provider
+                .region
+                .as_deref()
+                .ok_or_else(|| format!("{which}: a cloudwatch provider needs a region"))?;
+            let credentials = crate::metrics::AwsCredentials::resolve(
+                |key| secret_text(data.as_ref(), key),
+                |name| std::env::var(name).ok().filter(|v| !v.is_empty()),
+            )
+            .map_err(|e| format!("{which}: {e}"))?;
+            MetricServer::CloudWatch(std::sync::Arc::new(
+                crate::metrics::CloudWatch::new(
+                    provider.address.as_deref(),
+                    region,
+                    ctx.prometheus.timeout(),
+                    &crate::metrics::ServerAccess::transport(provider, data.as_ref()),
+                    credentials,
+                )
+                .map_err(|e| format!("{which}: {e}"))?,
+            ))
+        }
         crate::api::MetricProviderType::Newrelic => {
             let text = |name: &str| secret_text(data.as_ref(), name);
             let account = text("newrelic_account_id")

@@ -8,6 +8,7 @@
 
 mod azure;
 mod builtin;
+mod cloudwatch;
 mod datadog;
 mod graphite;
 mod influxdb;
@@ -18,6 +19,7 @@ mod verdict;
 
 pub use azure::{EntraCredential, EntraSecret, EntraToken, azure_cloud};
 pub use builtin::{MetricQueries, builtin};
+pub use cloudwatch::{AwsCredentials, CloudWatch, cloudwatch_endpoint};
 pub use datadog::{DEFAULT_DATADOG_ADDRESS, Datadog};
 pub use graphite::Graphite;
 pub use influxdb::InfluxDb;
@@ -138,6 +140,7 @@ pub enum MetricServer {
     Graphite(Graphite),
     InfluxDb(InfluxDb),
     NewRelic(NewRelic),
+    CloudWatch(std::sync::Arc<CloudWatch>),
 }
 
 impl MetricServer {
@@ -154,6 +157,7 @@ impl MetricServer {
             Self::Graphite(server) => server.observe(provider, metric, ctx).await,
             Self::InfluxDb(server) => server.observe(provider, metric, ctx).await,
             Self::NewRelic(server) => server.observe(provider, metric, ctx).await,
+            Self::CloudWatch(server) => server.observe(provider, metric, ctx).await,
         }
     }
 }

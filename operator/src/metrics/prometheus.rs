@@ -69,9 +69,9 @@ pub enum ProviderError {
         query: String,
     },
     #[error(
-        "cannot get an Entra ID token from {url}: {reason}; check the MetricTemplate's Secret (clientId, \
-         tenantId, clientSecret) or the operator's workload identity, and that the identity has the \
-         Monitoring Data Reader role on the Azure Monitor workspace"
+        "cannot get credentials for {url}: {reason}; check the MetricTemplate's Secret or the operator's \
+         workload identity, and what that identity may do (Azure Monitor: the Monitoring Data Reader role on \
+         the workspace; CloudWatch: cloudwatch:GetMetricData)"
     )]
     Token { url: String, reason: String },
     #[error("metric {metric:?}: {source}")]
@@ -610,6 +610,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            region: None,
             insecure_skip_verify: false,
         }
     }
