@@ -1054,6 +1054,12 @@ async fn metric_template(
                 |name| std::env::var(name).ok().filter(|v| !v.is_empty()),
             )
             .map_err(|e| format!("{which}: {e}"))?;
+            if let Some(address) = provider.address.as_deref()
+                && credentials.are_the_operators()
+            {
+                crate::metrics::operator_identity_may_sign_for(address)
+                    .map_err(|e| format!("{which}: {e}"))?;
+            }
             MetricServer::CloudWatch(std::sync::Arc::new(
                 crate::metrics::CloudWatch::new(
                     provider.address.as_deref(),

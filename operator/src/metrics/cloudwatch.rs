@@ -29,10 +29,32 @@ pub fn cloudwatch_endpoint(region: &str) -> String {
     format!("https://monitoring.{region}.{domain}")
 }
 
+/// Whether requests signed with the operator's own AWS identity may go to `address`: only `https://` AWS
+/// endpoints (regional or VPC endpoint hosts under `amazonaws.com` / `amazonaws.com.cn`). Anyone who may write a
+/// MetricTemplate could otherwise collect requests signed with the operator's identity, and its session token,
+/// at an address of their choosing.
+pub fn operator_identity_may_sign_for(address: &str) -> Result<(), String> {
+    let url = reqwest::Url::parse(address).map_err(|e| format!("address {address:?}: {e}"))?;
+    let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+    if url.scheme() == "https"
+        && (host.ends_with(".amazonaws.com") || host.ends_with(".amazonaws.com.cn"))
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "address {address:?} is not an https AWS endpoint, and the template has no keys of its own: Sluice \
+             signs with the operator's AWS identity only for AWS endpoints; leave address unset, or put \
+             aws_access_key_id and aws_secret_access_key in the template's Secret"
+        ))
+    }
+}
+
 /// Where AWS credentials come from.
 #[derive(Debug)]
 pub enum AwsCredentials {
-    /// Keys from the template's Secret or the operator's environment.
+    /// Keys from the template's Secret.
+    FromSecret(Credentials),
+    /// Keys from the operator's environment.
     Static(Credentials),
     /// EKS Pod Identity: the agent at `uri` exchanges the pod's token (read from `token_file` each time, since it
     /// rotates) for temporary credentials, cached until shortly before they expire.
@@ -89,7 +111,10 @@ impl AwsCredentials {
                 "the operator's environment",
             )
         };
-        if let Some(credentials) = from_secret.map_or_else(from_env, |c| Ok(Some(c)))? {
+        if let Some(credentials) = from_secret {
+            return Ok(Self::FromSecret(credentials));
+        }
+        if let Some(credentials) = from_env()? {
             return Ok(Self::Static(credentials));
         }
         match (
@@ -110,9 +135,16 @@ impl AwsCredentials {
         }
     }
 
+    /// Whether these are the operator's own credentials rather than the template's.
+    pub fn are_the_operators(&self) -> bool {
+        !matches!(self, Self::FromSecret(_))
+    }
+
     async fn current(&self, http: &reqwest::Client) -> Result<Credentials, String> {
         let (uri, token_file, cached) = match self {
-            Self::Static(credentials) => return Ok(credentials.clone()),
+            Self::FromSecret(credentials) | Self::Static(credentials) => {
+                return Ok(credentials.clone());
+            }
             Self::PodIdentity {
                 uri,
                 token_file,
@@ -506,6 +538,29 @@ mod tests {
     }
 
     #[test]
+    fn the_operators_identity_signs_only_for_aws_endpoints() {
+        for aws in [
+            "https://monitoring.eu-west-1.amazonaws.com",
+            "https://vpce-0a1b-x1.monitoring.eu-west-1.vpce.amazonaws.com/",
+            "https://monitoring.cn-north-1.amazonaws.com.cn",
+        ] {
+            assert_eq!(operator_identity_may_sign_for(aws), Ok(()), "{aws}");
+        }
+        for elsewhere in [
+            "http://monitoring.eu-west-1.amazonaws.com",
+            "https://collector.example.com",
+            "https://amazonaws.com.example.com",
+            "https://example.com/.amazonaws.com",
+            "http://127.0.0.1:8080",
+        ] {
+            assert!(
+                operator_identity_may_sign_for(elsewhere).is_err(),
+                "{elsewhere}"
+            );
+        }
+    }
+
+    #[test]
     fn endpoints_follow_the_region() {
         assert_eq!(
             cloudwatch_endpoint("eu-west-1"),
@@ -535,7 +590,7 @@ mod tests {
         ]);
         assert!(matches!(
             AwsCredentials::resolve(&secret, &env),
-            Ok(AwsCredentials::Static(c)) if c.access_key_id() == "SECRETKEY" && c.session_token() == Some("t")
+            Ok(AwsCredentials::FromSecret(c)) if c.access_key_id() == "SECRETKEY" && c.session_token() == Some("t")
         ));
         assert!(matches!(
             AwsCredentials::resolve(lookup(&[]), &env),

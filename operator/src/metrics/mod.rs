@@ -19,7 +19,9 @@ mod verdict;
 
 pub use azure::{EntraCredential, EntraSecret, EntraToken, azure_cloud};
 pub use builtin::{MetricQueries, builtin};
-pub use cloudwatch::{AwsCredentials, CloudWatch, cloudwatch_endpoint};
+pub use cloudwatch::{
+    AwsCredentials, CloudWatch, cloudwatch_endpoint, operator_identity_may_sign_for,
+};
 pub use datadog::{DEFAULT_DATADOG_ADDRESS, Datadog};
 pub use graphite::Graphite;
 pub use influxdb::InfluxDb;
