@@ -2401,6 +2401,65 @@ async fn a_graphite_metric_template_judges_releases() {
     s.stop().await;
 }
 
+/// An InfluxDB MetricTemplate on a real influxd (InfluxQL, basic auth from the Secret): a release with 0.2% errors
+/// is promoted, one with 5% rolled back. A writer sends each second's counts, as Telegraf would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_influxdb_metric_template_judges_releases() {
+    use sluice_e2e::influxdb::{ADMIN, InfluxServer};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let analysis = json!({
+        "interval": "1s", "threshold": 2, "stepWeight": 20, "maxWeight": 60,
+        "metrics": [{"name": "influx-errors", "templateRef": {"name": "influx-errors"},
+                     "interval": "30s", "thresholdRange": {"max": 1}}]
+    });
+    let s = Scenario::start(Provider::Istio, analysis, 60).await;
+    let initialized = s.rollout().await.status.unwrap_or_default().revision;
+    let influx = Arc::new(InfluxServer::start("mesh").await.expect("influxd starts"));
+    // Failed requests out of 1000 a second.
+    let errors = Arc::new(AtomicU32::new(2));
+    let writer = {
+        let (influx, errors) = (influx.clone(), errors.clone());
+        tokio::spawn(async move {
+            loop {
+                let now = jiff::Timestamp::now().as_second();
+                let line = format!(
+                    "requests,namespace=default,workload=podinfo total=1000,errors={} {now}\n",
+                    errors.load(Ordering::Relaxed)
+                );
+                let _ = influx.write("mesh", &line).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let objects = [
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "influx", "namespace": NS},
+               "stringData": {"username": ADMIN.0, "password": ADMIN.1}}),
+        json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "MetricTemplate",
+               "metadata": {"name": "influx-errors", "namespace": NS},
+               "spec": {"provider": {"type": "influxdb", "address": influx.url(), "secretRef": {"name": "influx"}},
+                        "query": "SELECT sum(\"errors\") / sum(\"total\") * 100 FROM \"mesh\"..\"requests\" WHERE \"namespace\" = '{{ namespace }}' AND \"workload\" = '{{ target }}' AND time > now() - {{ interval }}"}}),
+    ];
+    for object in objects {
+        let out = s
+            .cluster
+            .kubectl
+            .run_with_stdin(&["apply", "-f", "-"], &object.to_string());
+        assert!(out.success, "{}", out.stderr);
+    }
+    s.release("podinfo:2", json!({})).await;
+    let good = next_outcome(&s, initialized).await;
+    assert_eq!(good.phase, Some(RolloutPhase::Succeeded), "{good:?}");
+
+    errors.store(50, Ordering::Relaxed);
+    s.release("podinfo:3", json!({})).await;
+    let bad = next_outcome(&s, good.revision.clone()).await;
+    assert_eq!(bad.phase, Some(RolloutPhase::Failed), "{bad:?}");
+    let message = bad.message.unwrap_or_default();
+    assert!(message.contains("influx-errors 5.00"), "{message}");
+    writer.abort();
+    s.stop().await;
+}
+
 /// A New Relic MetricTemplate (against NerdGraph's documented shapes, on a loopback stand-in): the account and
 /// user key come from the Secret, a low error percentage is promoted and a high one rolled back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
