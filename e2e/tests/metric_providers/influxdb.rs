@@ -89,6 +89,7 @@ async fn started() -> (InfluxServer, InfluxDb) {
         Duration::from_secs(10),
         &basic_auth(ADMIN.0, ADMIN.1),
         None,
+        None,
     )
     .expect("an InfluxDB client");
     (server, client)
@@ -231,6 +232,7 @@ async fn what_influxdb_refuses_freezes_the_check_with_a_reason() {
         Duration::from_secs(10),
         &basic_auth(ADMIN.0, ADMIN.1),
         Some("shop".into()),
+        None,
     )
     .expect("a client");
     let no_flux = flux
@@ -260,6 +262,7 @@ async fn what_influxdb_refuses_freezes_the_check_with_a_reason() {
         &server.url(),
         Duration::from_secs(10),
         &basic_auth(ADMIN.0, "rotated"),
+        None,
         None,
     )
     .expect("a client")
@@ -345,6 +348,7 @@ async fn flux_queries_follow_influxdb_2s_documented_api() {
         Duration::from_secs(5),
         &token,
         Some("shop-org".into()),
+        None,
     )
     .expect("a client");
     let query = r#"from(bucket: "mesh") |> range(start: -{{ interval }}) |> filter(fn: (r) => r.workload == "{{ target }}") |> mean()"#;
@@ -380,6 +384,7 @@ async fn flux_queries_follow_influxdb_2s_documented_api() {
             ..ServerAccess::default()
         },
         Some("shop-org".into()),
+        None,
     )
     .expect("a client")
     .observe(Provider::Istio, &metric(query, 1.0), &ctx("web", None))
@@ -390,5 +395,53 @@ async fn flux_queries_follow_influxdb_2s_documented_api() {
             Err(ProviderError::Unauthorized { status: 401, .. })
         ),
         "{refused:?}"
+    );
+}
+
+/// `provider.database` is InfluxQL's `db`, so a query may name its measurement alone (as InfluxDB 2 and 3's
+/// `/query` require).
+#[tokio::test]
+async fn the_database_is_sent_as_db() {
+    let (server, _) = started().await;
+    traffic(&server, "web", (20, 0), 100, 4).await;
+    let unqualified = r#"SELECT sum("errors") / sum("total") * 100 FROM "requests"
+        WHERE "workload" = '{{ target }}' AND time > now() - {{ interval }}"#;
+    let with_db = InfluxDb::new(
+        &server.url(),
+        Duration::from_secs(10),
+        &basic_auth(ADMIN.0, ADMIN.1),
+        None,
+        Some(DATABASE.into()),
+    )
+    .expect("a client");
+    let observed = with_db
+        .observe(
+            Provider::Istio,
+            &metric(unqualified, 5.0),
+            &ctx("web", None),
+        )
+        .await
+        .expect("measured");
+    assert_eq!(
+        (observed.verdict, observed.value),
+        (Verdict::Pass, Some(4.0))
+    );
+    let without_db = InfluxDb::new(
+        &server.url(),
+        Duration::from_secs(10),
+        &basic_auth(ADMIN.0, ADMIN.1),
+        None,
+        None,
+    )
+    .expect("a client")
+    .observe(
+        Provider::Istio,
+        &metric(unqualified, 5.0),
+        &ctx("web", None),
+    )
+    .await;
+    assert!(
+        matches!(&without_db, Err(ProviderError::Query { reason, .. }) if reason.contains("database name required")),
+        "{without_db:?}"
     );
 }

@@ -72,6 +72,11 @@ pub struct MetricProvider {
     /// credentials: those belong in `secretRef`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
+    /// The database InfluxQL queries read (`db`; influxdb only). InfluxDB 2 and 3's `/query` need it; 1.x also
+    /// takes fully qualified names (`FROM "mesh".."requests"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub database: Option<String>,
     /// The AWS region of CloudWatch, e.g. `eu-west-1` (cloudwatch only; required there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"))]

@@ -74,6 +74,11 @@ pub struct OperatorArgs {
     /// HTTPS proxy for alert deliveries.
     #[arg(long, env = "SLUICE_ALERT_PROXY")]
     pub alert_proxy: Option<String>,
+    /// Let MetricTemplates without keys of their own query Azure Monitor and CloudWatch with the operator's
+    /// own cloud identity (Azure workload identity, AWS environment keys or EKS Pod Identity). Off by default:
+    /// whoever may write a MetricTemplate could then read any metric that identity can read.
+    #[arg(long, env = "SLUICE_METRIC_TEMPLATES_USE_OPERATOR_IDENTITY")]
+    pub metric_templates_use_operator_identity: bool,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -343,7 +348,8 @@ async fn operator(args: OperatorArgs) -> Result<(), CliError> {
             prometheus,
             telemetry.clone(),
             deliverer,
-            default_alert
+            default_alert,
+            args.metric_templates_use_operator_identity,
         ),
         crate::controller::authz::run(client, bundles, telemetry),
     );

@@ -106,6 +106,8 @@ pub struct Context {
     pub webhooks: reqwest::Client,
     /// Alert used by Rollouts that configure none (`--default-alert-provider`).
     pub default_alert: Option<RolloutAlert>,
+    /// MetricTemplates may use the operator's own cloud identity (`--metric-templates-use-operator-identity`).
+    templates_use_operator_identity: bool,
     /// Clients for `MetricTemplate` servers, by template uid and template and Secret resourceVersions.
     template_servers: std::sync::Mutex<std::collections::HashMap<String, MetricServer>>,
     /// Consecutive failed reconciles per Rollout, for exponential backoff.
@@ -195,6 +197,7 @@ pub async fn run(
     telemetry: Arc<Telemetry>,
     deliverer: Deliverer,
     default_alert: Option<RolloutAlert>,
+    templates_use_operator_identity: bool,
 ) {
     let rollouts: Api<Rollout> = Api::all(client.clone());
     let deployments: Api<Deployment> = Api::all(client.clone());
@@ -213,6 +216,7 @@ pub async fn run(
         default_alert,
         failures: Default::default(),
         refusals: Default::default(),
+        templates_use_operator_identity,
         template_servers: Default::default(),
     });
     let controller = watched_controller(rollouts, telemetry.clone(), READY_COMPONENT);
@@ -1010,8 +1014,14 @@ async fn metric_template(
                 })
                 .transpose()?;
             MetricServer::InfluxDb(
-                crate::metrics::InfluxDb::new(address, ctx.prometheus.timeout(), &access, org)
-                    .map_err(|e| format!("{which}: {e}"))?,
+                crate::metrics::InfluxDb::new(
+                    address,
+                    ctx.prometheus.timeout(),
+                    &access,
+                    org,
+                    provider.database.clone(),
+                )
+                .map_err(|e| format!("{which}: {e}"))?,
             )
         }
         crate::api::MetricProviderType::Azuremonitor => {
@@ -1032,6 +1042,18 @@ async fn metric_template(
                 cloud,
             )
             .map_err(|e| format!("{which}: {e}"))?;
+            if matches!(
+                credential.secret,
+                crate::metrics::EntraSecret::FederatedTokenFile(_)
+            ) {
+                operator_identity_allowed(
+                    ctx.templates_use_operator_identity,
+                    &which,
+                    provider,
+                    data.as_ref(),
+                    "Azure",
+                )?;
+            }
             let token = crate::metrics::EntraToken::new(credential, ctx.prometheus.timeout())
                 .map_err(|e| format!("{which}: {e}"))?;
             MetricServer::Prometheus(
@@ -1054,11 +1076,18 @@ async fn metric_template(
                 |name| std::env::var(name).ok().filter(|v| !v.is_empty()),
             )
             .map_err(|e| format!("{which}: {e}"))?;
-            if let Some(address) = provider.address.as_deref()
-                && credentials.are_the_operators()
-            {
-                crate::metrics::operator_identity_may_sign_for(address)
-                    .map_err(|e| format!("{which}: {e}"))?;
+            if credentials.are_the_operators() {
+                operator_identity_allowed(
+                    ctx.templates_use_operator_identity,
+                    &which,
+                    provider,
+                    data.as_ref(),
+                    "AWS",
+                )?;
+                if let Some(address) = provider.address.as_deref() {
+                    crate::metrics::operator_identity_may_sign_for(address)
+                        .map_err(|e| format!("{which}: {e}"))?;
+                }
             }
             MetricServer::CloudWatch(std::sync::Arc::new(
                 crate::metrics::CloudWatch::new(
@@ -1144,6 +1173,33 @@ async fn metric_template(
     }
     servers.insert(key, server.clone());
     Ok((query, server, which))
+}
+
+/// Whether a template may query with the operator's own cloud identity: only when the operator allows it, and
+/// only over the system's TLS trust (a template's own `ca.crt` or `insecureSkipVerify` could let its author
+/// stand in for the cloud's endpoint and collect what the identity signs).
+fn operator_identity_allowed(
+    allowed: bool,
+    which: &str,
+    provider: &crate::api::MetricProvider,
+    secret: Option<&std::collections::BTreeMap<String, Vec<u8>>>,
+    cloud: &str,
+) -> Result<(), String> {
+    if !allowed {
+        return Err(format!(
+            "{which} has no keys of its own and would query with the operator's {cloud} identity, which \
+             MetricTemplates may use only when the operator runs with --metric-templates-use-operator-identity \
+             (whoever may write a MetricTemplate could read any metric that identity can read); or put the \
+             template's own credentials in its Secret"
+        ));
+    }
+    if provider.insecure_skip_verify || secret.is_some_and(|d| d.contains_key("ca.crt")) {
+        return Err(format!(
+            "{which} queries with the operator's {cloud} identity, which is sent only to endpoints the system \
+             trusts: remove insecureSkipVerify and the Secret's ca.crt"
+        ));
+    }
+    Ok(())
 }
 
 /// A text value of a Secret's data, without a trailing newline; `None` when absent, empty or not UTF-8.
@@ -1639,6 +1695,37 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_operators_cloud_identity_is_opt_in_and_only_over_system_trust() {
+        let provider = |insecure: bool| crate::api::MetricProvider {
+            type_: crate::api::MetricProviderType::Cloudwatch,
+            address: None,
+            secret_ref: None,
+            headers: Default::default(),
+            database: None,
+            region: Some("eu-west-1".into()),
+            insecure_skip_verify: insecure,
+        };
+        let which = "MetricTemplate shop/errors";
+        assert_eq!(
+            operator_identity_allowed(true, which, &provider(false), None, "AWS"),
+            Ok(())
+        );
+        assert!(
+            operator_identity_allowed(false, which, &provider(false), None, "AWS")
+                .is_err_and(|e| e.contains("--metric-templates-use-operator-identity"))
+        );
+        assert!(
+            operator_identity_allowed(true, which, &provider(true), None, "AWS")
+                .is_err_and(|e| e.contains("remove insecureSkipVerify"))
+        );
+        let with_ca = std::collections::BTreeMap::from([("ca.crt".to_owned(), b"PEM".to_vec())]);
+        assert!(
+            operator_identity_allowed(true, which, &provider(false), Some(&with_ca), "Azure")
+                .is_err_and(|e| e.contains("ca.crt"))
+        );
+    }
 
     #[test]
     fn backoff_doubles_up_to_a_minute() {

@@ -59,7 +59,7 @@ pub fn azure_cloud(address: &str) -> Result<(&'static str, &'static str), String
 }
 
 /// How Sluice proves who it is to Entra ID.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum EntraSecret {
     /// A client secret (`clientSecret` in the template's Secret).
     ClientSecret(String),
@@ -80,17 +80,22 @@ pub struct EntraCredential {
     pub scope: String,
 }
 
+impl std::fmt::Debug for EntraSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ClientSecret(_) => f.write_str("ClientSecret(<redacted>)"),
+            Self::FederatedTokenFile(path) => write!(f, "FederatedTokenFile({})", path.display()),
+        }
+    }
+}
+
 impl std::fmt::Debug for EntraCredential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let secret = match &self.secret {
-            EntraSecret::ClientSecret(_) => "client secret (redacted)".to_owned(),
-            EntraSecret::FederatedTokenFile(path) => format!("federated token {}", path.display()),
-        };
         f.debug_struct("EntraCredential")
             .field("authority", &self.authority)
             .field("tenant_id", &self.tenant_id)
             .field("client_id", &self.client_id)
-            .field("secret", &secret)
+            .field("secret", &self.secret)
             .field("scope", &self.scope)
             .finish()
     }
@@ -164,11 +169,18 @@ struct TokenError {
 }
 
 /// Access tokens for one credential, fetched when needed and cached until shortly before they expire.
-#[derive(Debug)]
 pub struct EntraToken {
     http: reqwest::Client,
     credential: EntraCredential,
     cached: tokio::sync::Mutex<Option<(String, Instant)>>,
+}
+
+impl std::fmt::Debug for EntraToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EntraToken")
+            .field("credential", &self.credential)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EntraToken {
@@ -290,6 +302,23 @@ mod tests {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         move |key| map.get(key).cloned()
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let credential = EntraCredential {
+            authority: "https://login.microsoftonline.com/".into(),
+            tenant_id: "t".into(),
+            client_id: "c".into(),
+            secret: EntraSecret::ClientSecret("hunter2".into()),
+            scope: "s".into(),
+        };
+        let token = EntraToken::new(credential, Duration::from_secs(1));
+        let shown = format!("{token:?}");
+        assert!(
+            shown.contains("<redacted>") && !shown.contains("hunter2"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -29,16 +29,22 @@ pub fn cloudwatch_endpoint(region: &str) -> String {
     format!("https://monitoring.{region}.{domain}")
 }
 
-/// Whether requests signed with the operator's own AWS identity may go to `address`: only `https://` AWS
-/// endpoints (regional or VPC endpoint hosts under `amazonaws.com` / `amazonaws.com.cn`). Anyone who may write a
-/// MetricTemplate could otherwise collect requests signed with the operator's identity, and its session token,
-/// at an address of their choosing.
+/// Whether requests signed with the operator's own AWS identity may go to `address`: only `https://` CloudWatch
+/// endpoints, `monitoring.<region>.amazonaws.com` (`.com.cn`) or a VPC endpoint of it
+/// (`*.monitoring.<region>.vpce.amazonaws.com`). Other hosts under `amazonaws.com` (API Gateway, S3) can be
+/// anyone's; a template author could otherwise collect requests signed with the operator's identity, and its
+/// session token, at an address of their choosing.
 pub fn operator_identity_may_sign_for(address: &str) -> Result<(), String> {
     let url = reqwest::Url::parse(address).map_err(|e| format!("address {address:?}: {e}"))?;
     let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
-    if url.scheme() == "https"
-        && (host.ends_with(".amazonaws.com") || host.ends_with(".amazonaws.com.cn"))
-    {
+    let labels: Vec<&str> = host.split('.').collect();
+    let cloudwatch = match labels.as_slice() {
+        ["monitoring", _region, "amazonaws", "com"]
+        | ["monitoring", _region, "amazonaws", "com", "cn"] => true,
+        [.., "monitoring", _region, "vpce", "amazonaws", "com"] => labels.len() > 5,
+        _ => false,
+    };
+    if url.scheme() == "https" && cloudwatch {
         Ok(())
     } else {
         Err(format!(
@@ -352,6 +358,7 @@ impl CloudWatch {
                     ProviderError::Unauthorized {
                         url: self.url.clone(),
                         status,
+                        detail: format!("{kind}: {message}"),
                     }
                 } else {
                     query_error(format!("{kind}: {message}"))
@@ -362,7 +369,8 @@ impl CloudWatch {
                 return Err(unreachable(format!("HTTP {other}: {kind}: {message}")));
             }
         }
-        latest_value(&answer).map_err(|unread| match unread {
+        latest_value(&answer, start).map_err(|unread| match unread {
+            Unread::Failed(reason) => query_error(reason),
             Unread::Malformed(reason) => ProviderError::BadResponse {
                 url: self.url.clone(),
                 reason,
@@ -473,12 +481,15 @@ fn is_credential_error(kind: &str) -> bool {
 #[derive(Debug, PartialEq)]
 enum Unread {
     Malformed(String),
+    /// CloudWatch could not compute the result (`StatusCode` `Forbidden` or `InternalError`).
+    Failed(String),
     Several(Vec<String>),
 }
 
 /// The value of a `GetMetricData` answer: the newest value of the one result (queries with `ReturnData: false`
-/// are not returned); no value is no data.
-fn latest_value(answer: &Value) -> Result<Option<f64>, Unread> {
+/// are not returned) among the datapoints that start at or after `start` (CloudWatch rounds `StartTime` down to
+/// the minute, so it can return a datapoint that began before the stage); no value is no data.
+fn latest_value(answer: &Value, start: i64) -> Result<Option<f64>, Unread> {
     let results = answer
         .get("MetricDataResults")
         .and_then(Value::as_array)
@@ -499,6 +510,30 @@ fn latest_value(answer: &Value) -> Result<Option<f64>, Unread> {
                 .collect(),
         ));
     }
+    let status = only
+        .get("StatusCode")
+        .and_then(Value::as_str)
+        .unwrap_or("Complete");
+    if !matches!(status, "Complete" | "PartialData") {
+        let messages: Vec<String> = answer
+            .get("Messages")
+            .into_iter()
+            .chain(only.get("Messages"))
+            .filter_map(Value::as_array)
+            .flatten()
+            .map(|m| {
+                format!(
+                    "{}: {}",
+                    m.get("Code").and_then(Value::as_str).unwrap_or("?"),
+                    m.get("Value").and_then(Value::as_str).unwrap_or_default()
+                )
+            })
+            .collect();
+        return Err(Unread::Failed(format!(
+            "CloudWatch could not compute the result ({status}) {}",
+            messages.join("; ")
+        )));
+    }
     let numbers = |field: &str| -> Result<Vec<f64>, Unread> {
         only.get(field)
             .and_then(Value::as_array)
@@ -517,9 +552,11 @@ fn latest_value(answer: &Value) -> Result<Option<f64>, Unread> {
             "Timestamps and Values differ in length".into(),
         ));
     }
+    let start = start as f64;
     Ok(timestamps
         .iter()
         .zip(&values)
+        .filter(|(at, _)| **at >= start)
         .max_by(|a, b| a.0.total_cmp(b.0))
         .map(|(_, value)| *value))
 }
@@ -550,6 +587,9 @@ mod tests {
             "http://monitoring.eu-west-1.amazonaws.com",
             "https://collector.example.com",
             "https://amazonaws.com.example.com",
+            "https://abc123.execute-api.eu-west-1.amazonaws.com",
+            "https://my-bucket.s3.amazonaws.com",
+            "https://monitoring.eu-west-1.vpce.amazonaws.com",
             "https://example.com/.amazonaws.com",
             "http://127.0.0.1:8080",
         ] {
@@ -622,10 +662,30 @@ mod tests {
     fn the_newest_value_of_one_result_is_read() {
         let answer = json!({"MetricDataResults": [{"Id": "e1", "Timestamps": [100, 160, 40],
             "Values": [1.0, 2.0, 0.5], "StatusCode": "Complete"}], "Messages": []});
-        assert_eq!(latest_value(&answer), Ok(Some(2.0)));
+        assert_eq!(latest_value(&answer, 0), Ok(Some(2.0)));
         let empty = json!({"MetricDataResults": [{"Id": "e1", "Timestamps": [], "Values": []}]});
-        assert_eq!(latest_value(&empty), Ok(None));
-        assert_eq!(latest_value(&json!({"MetricDataResults": []})), Ok(None));
+        assert_eq!(latest_value(&empty, 0), Ok(None));
+        assert_eq!(latest_value(&json!({"MetricDataResults": []}), 0), Ok(None));
+    }
+
+    #[test]
+    fn datapoints_from_before_the_stage_are_not_counted() {
+        let answer = json!({"MetricDataResults": [{"Id": "e1", "Timestamps": [120, 60],
+            "Values": [1.0, 9.0], "StatusCode": "Complete"}]});
+        assert_eq!(latest_value(&answer, 90), Ok(Some(1.0)));
+        assert_eq!(latest_value(&answer, 121), Ok(None));
+        let only_old =
+            json!({"MetricDataResults": [{"Id": "e1", "Timestamps": [60], "Values": [9.0]}]});
+        assert_eq!(latest_value(&only_old, 90), Ok(None));
+    }
+
+    #[test]
+    fn a_result_cloudwatch_could_not_compute_is_an_error() {
+        let forbidden = json!({"MetricDataResults": [{"Id": "e1", "Timestamps": [], "Values": [],
+            "StatusCode": "Forbidden", "Messages": [{"Code": "Forbidden", "Value": "no access to namespace"}]}]});
+        assert!(
+            matches!(latest_value(&forbidden, 0), Err(Unread::Failed(r)) if r.contains("no access to namespace"))
+        );
     }
 
     #[test]
@@ -633,7 +693,7 @@ mod tests {
         let two = json!({"MetricDataResults": [{"Id": "m1", "Timestamps": [1], "Values": [1]},
                                                {"Id": "m2", "Timestamps": [1], "Values": [2]}]});
         assert_eq!(
-            latest_value(&two),
+            latest_value(&two, 0),
             Err(Unread::Several(vec!["m1".into(), "m2".into()]))
         );
         for bad in [
@@ -642,7 +702,7 @@ mod tests {
             json!({"MetricDataResults": [{"Id": "e1", "Timestamps": [1], "Values": ["x"]}]}),
         ] {
             assert!(
-                matches!(latest_value(&bad), Err(Unread::Malformed(_))),
+                matches!(latest_value(&bad, 0), Err(Unread::Malformed(_))),
                 "{bad}"
             );
         }

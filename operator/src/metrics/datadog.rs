@@ -135,6 +135,7 @@ impl Datadog {
             401 | 403 => Err(ProviderError::Unauthorized {
                 url: self.url.clone(),
                 status,
+                detail: errors_of(&body),
             }),
             400 => Err(ProviderError::Query {
                 metric: Some(metric.to_owned()),

@@ -27,7 +27,7 @@ impl std::fmt::Debug for Graphite {
 }
 
 /// Render parameters Sluice sets itself.
-const OWNED_PARAMETERS: [&str; 4] = ["format", "from", "until", "now"];
+const OWNED_PARAMETERS: [&str; 5] = ["format", "from", "until", "now", "noCache"];
 
 impl Graphite {
     /// A client for the render API under `url` (e.g. `http://graphite.monitoring` or
@@ -130,6 +130,7 @@ impl Graphite {
             401 | 403 => Err(ProviderError::Unauthorized {
                 url: self.url.clone(),
                 status,
+                detail: first_line(&body),
             }),
             // graphite-web answers a query it cannot evaluate with 400 or 500 and the reason.
             400 | 500 => Err(ProviderError::Query {
@@ -156,6 +157,9 @@ fn render_parameters(query: &str, window: Duration) -> Option<Vec<(String, Strin
     parameters.push(("from".into(), format!("-{}s", window.as_secs().max(1))));
     parameters.push(("until".into(), "now".into()));
     parameters.push(("format".into(), "json".into()));
+    // graphite-web caches answers by their parameters, relative `from` included: a cached answer to the same
+    // query from the previous stage would reach back past this one.
+    parameters.push(("noCache".into(), "true".into()));
     Some(parameters)
 }
 
@@ -250,6 +254,7 @@ mod tests {
                     ("from", "-42s"),
                     ("until", "now"),
                     ("format", "json"),
+                    ("noCache", "true"),
                 ]
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))[..]
             )

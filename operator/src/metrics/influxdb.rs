@@ -26,6 +26,8 @@ pub struct InfluxDb {
     url: String,
     /// The organization Flux queries run in (`org` in the Secret, as in Flagger).
     org: Option<String>,
+    /// The database InfluxQL queries read (`db`).
+    database: Option<String>,
 }
 
 impl std::fmt::Debug for InfluxDb {
@@ -53,6 +55,7 @@ impl InfluxDb {
         timeout: Duration,
         access: &ServerAccess,
         org: Option<String>,
+        database: Option<String>,
     ) -> Result<Self, ProviderError> {
         let access = ServerAccess {
             auth: match &access.auth {
@@ -66,6 +69,7 @@ impl InfluxDb {
             http,
             url: url.trim_end_matches('/').to_owned(),
             org,
+            database,
         })
     }
 
@@ -111,9 +115,13 @@ impl InfluxDb {
     async fn value(&self, metric: &str, query: &str) -> Result<Option<f64>, ProviderError> {
         let influxql = is_influxql(query);
         let request = if influxql {
+            let mut parameters = vec![("q", query), ("epoch", "s")];
+            if let Some(database) = &self.database {
+                parameters.push(("db", database));
+            }
             self.http
                 .get(format!("{}/query", self.url))
-                .query(&[("q", query), ("epoch", "s")])
+                .query(&parameters)
         } else {
             let org = self.org.as_deref().ok_or_else(|| ProviderError::Query {
                 metric: Some(metric.to_owned()),
@@ -160,6 +168,7 @@ impl InfluxDb {
                 return Err(ProviderError::Unauthorized {
                     url: self.url.clone(),
                     status,
+                    detail: error_message(&body),
                 });
             }
             404 if !influxql => {
@@ -298,7 +307,8 @@ fn flux_value(body: &str) -> Result<Option<f64>, Unread> {
         .has_headers(false)
         .flexible(true)
         .from_reader(body.as_bytes());
-    let mut header: Option<(usize, usize)> = None;
+    // Positions of the result, table and _value columns in the current table's header.
+    let mut header: Option<(usize, usize, usize)> = None;
     let mut tables: Vec<String> = Vec::new();
     let mut last = None;
     for record in reader.records() {
@@ -316,21 +326,28 @@ fn flux_value(body: &str) -> Result<Option<f64>, Unread> {
                 .unwrap_or_default();
             return Err(Unread::Refused(detail.trim().to_owned()));
         }
-        if record.iter().any(|f| f == "_value") {
-            let position = |name: &str| record.iter().position(|f| f == name);
-            let value = position("_value").unwrap_or_default();
-            let table = position("table")
-                .ok_or_else(|| Unread::Malformed("Flux's CSV header has no table column".into()))?;
-            header = Some((table, value));
+        let position = |name: &str| record.iter().position(|f| f == name);
+        if let (Some(result), Some(table)) = (position("result"), position("table")) {
+            let value = position("_value").ok_or_else(|| {
+                Unread::Refused(
+                    "the query's result has no _value column: keep _value (end with a reducer such as mean())"
+                        .into(),
+                )
+            })?;
+            header = Some((result, table, value));
             continue;
         }
-        let Some((table_at, value_at)) = header else {
+        let Some((result_at, table_at, value_at)) = header else {
             return Err(Unread::Malformed(
-                "Flux's CSV has rows before a header with _value; does the query keep _value?"
-                    .into(),
+                "Flux's CSV has rows before its header".into(),
             ));
         };
-        let table = record.get(table_at).unwrap_or_default().to_owned();
+        // Each yield numbers its tables from 0: a table is its result's name and its number.
+        let table = format!(
+            "{}/{}",
+            record.get(result_at).unwrap_or_default(),
+            record.get(table_at).unwrap_or_default()
+        );
         if !tables.contains(&table) {
             tables.push(table);
         }
@@ -420,8 +437,16 @@ mod tests {
         let two = ",result,table,_value,workload\r\n,_result,0,1,a\r\n,_result,1,2,b\r\n";
         assert_eq!(
             flux_value(two),
-            Err(Unread::Several(vec!["table 0".into(), "table 1".into()]))
+            Err(Unread::Several(vec![
+                "table _result/0".into(),
+                "table _result/1".into()
+            ]))
         );
+        let two_yields =
+            ",result,table,_value\r\n,errors,0,1\r\n\r\n,result,table,_value\r\n,requests,0,2\r\n";
+        assert!(matches!(flux_value(two_yields), Err(Unread::Several(t)) if t.len() == 2));
+        let no_value = ",result,table,_time\r\n,_result,0,2026-12-07T17:00:00Z\r\n";
+        assert!(matches!(flux_value(no_value), Err(Unread::Refused(r)) if r.contains("no _value")));
         let streamed_error = "error,reference\r\nruntime error: division by zero,\r\n";
         assert!(
             matches!(flux_value(streamed_error), Err(Unread::Refused(r)) if r.contains("division by zero"))

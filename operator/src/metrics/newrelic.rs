@@ -156,6 +156,7 @@ impl NewRelic {
                 return Err(ProviderError::Unauthorized {
                     url: self.url.clone(),
                     status,
+                    detail: error_message(&body),
                 });
             }
             400 => return Err(query_error(error_message(&body))),

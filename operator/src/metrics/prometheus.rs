@@ -19,11 +19,11 @@ use super::{MetricQueries, Observation, QueryContext, QueryError, queries_for};
 #[derive(Debug, Error)]
 pub enum ProviderError {
     #[error(
-        "invalid Prometheus URL {url:?}: {reason}; pass an absolute http(s) URL such as \
-         http://prometheus.istio-system:9090 (--prometheus-url)"
+        "invalid metrics server URL {url:?}: {reason}; pass an absolute http(s) URL such as \
+         http://prometheus.istio-system:9090 (--prometheus-url, or the MetricTemplate's provider.address)"
     )]
     InvalidUrl { url: String, reason: String },
-    #[error("cannot set up the HTTP client for Prometheus: {reason}")]
+    #[error("cannot set up the HTTP client for the metrics server: {reason}")]
     HttpClient { reason: String },
     #[error(
         "the metrics server at {url} is unreachable: {reason}; check its address (--prometheus-url, or the \
@@ -31,18 +31,24 @@ pub enum ProviderError {
     )]
     Unreachable { url: String, reason: String },
     #[error(
-        "the metrics server at {url} refused Sluice's query ({status}): check the credentials it expects \
-         (a MetricTemplate's secretRef: username and password, or token) and headers (such as a tenant's \
-         X-Scope-OrgID)"
+        "the metrics server at {url} refused Sluice's query ({status}{}): check the credentials it expects \
+         (the MetricTemplate's secretRef, or the operator's identity) and headers (such as a tenant's \
+         X-Scope-OrgID)",
+        detail_of(.detail)
     )]
-    Unauthorized { url: String, status: u16 },
+    Unauthorized {
+        url: String,
+        status: u16,
+        /// What the server said, when it said something.
+        detail: String,
+    },
     #[error(
         "the metrics server at {url} answered with something that is not its API's response: {reason}; \
          check that the address (--prometheus-url, or the MetricTemplate's provider.address) points at the \
          API itself (not a UI or proxy path)"
     )]
     BadResponse { url: String, reason: String },
-    #[error("Prometheus rejected the query{}: {reason}; fix the PromQL: {query}", for_metric(.metric))]
+    #[error("the metrics server rejected the query{}: {reason}; fix the query: {query}", for_metric(.metric))]
     Query {
         metric: Option<String>,
         query: String,
@@ -50,7 +56,8 @@ pub enum ProviderError {
     },
     #[error(
         "the query{} returned {series} series ({sample}), but a check needs a single number; aggregate it \
-         to one series, e.g. wrap it in sum(...): {query}",
+         to one series (PromQL: sum(...); Graphite: sumSeries(...); InfluxQL: no GROUP BY; NRQL: no FACET; \
+         CloudWatch: ReturnData false on helper queries): {query}",
         for_metric(.metric)
     )]
     NotOneSeries {
@@ -80,6 +87,14 @@ pub enum ProviderError {
         #[source]
         source: QueryError,
     },
+}
+
+fn detail_of(detail: &str) -> String {
+    if detail.is_empty() {
+        String::new()
+    } else {
+        format!(": {detail}")
+    }
 }
 
 fn for_metric(metric: &Option<String>) -> String {
@@ -411,7 +426,12 @@ impl Prometheus {
         let url = self.url.clone();
         let status = response.status().as_u16();
         if status == 401 || status == 403 {
-            return Err(ProviderError::Unauthorized { url, status });
+            let detail = response.text().await.unwrap_or_default();
+            return Err(ProviderError::Unauthorized {
+                url,
+                status,
+                detail: detail.trim().chars().take(200).collect(),
+            });
         }
         let json_type = response
             .headers()
@@ -611,6 +631,7 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             region: None,
+            database: None,
             insecure_skip_verify: false,
         }
     }
