@@ -3,7 +3,8 @@
 //! `X-Amz-Target: GraniteServiceVersion20100801.GetMetricData`), a SigV4 `Authorization` for service `monitoring`
 //! in the template's region, `{"__type", "message"}` errors, and the EKS Pod Identity agent's credentials
 //! (`GET` with the pod's token, `{"AccessKeyId", "SecretAccessKey", "Token", "Expiration"}` back). The stand-in
-//! checks the signature's form, not its bytes: computing it is the `aws-sigv4` crate's job.
+//! signs what it received again with the same keys (with `aws-sigv4`, at the request's `X-Amz-Date`) and
+//! refuses a signature that differs, so a header or body changed after signing is caught.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -40,12 +41,99 @@ fn headers_map(headers: &HeaderMap) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The signature AWS would compute for this request with the stand-in's keys, or why it cannot be computed.
+fn expected_signature(
+    headers: &BTreeMap<String, String>,
+    body: &str,
+    secret_key: &str,
+) -> Result<String, String> {
+    use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+    let authorization = headers.get("authorization").ok_or("no Authorization")?;
+    let credential = authorization
+        .split("Credential=")
+        .nth(1)
+        .and_then(|c| c.split('/').next())
+        .ok_or("no Credential")?;
+    let signed: Vec<&str> = authorization
+        .split("SignedHeaders=")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .ok_or("no SignedHeaders")?
+        .split(';')
+        .collect();
+    let date = headers.get("x-amz-date").ok_or("no X-Amz-Date")?;
+    let time = jiff::civil::DateTime::strptime("%Y%m%dT%H%M%SZ", date)
+        .and_then(|t| t.to_zoned(jiff::tz::TimeZone::UTC))
+        .map_err(|e| e.to_string())?;
+    let time = std::time::SystemTime::UNIX_EPOCH
+        + Duration::from_secs(u64::try_from(time.timestamp().as_second()).unwrap_or_default());
+    let identity = aws_credential_types::Credentials::new(
+        credential,
+        secret_key,
+        headers.get("x-amz-security-token").cloned(),
+        None,
+        "stand-in",
+    )
+    .into();
+    let params = aws_sigv4::sign::v4::SigningParams::builder()
+        .identity(&identity)
+        .region(REGION)
+        .name("monitoring")
+        .time(time)
+        .settings(SigningSettings::default())
+        .build()
+        .map_err(|e| e.to_string())?
+        .into();
+    let host = headers.get("host").ok_or("no Host")?;
+    let uri = format!("http://{host}/");
+    let signable_headers = signed
+        .iter()
+        .filter(|name| !["x-amz-date", "x-amz-security-token"].contains(name))
+        .map(|name| (*name, headers.get(*name).map_or("", String::as_str)));
+    let request = SignableRequest::new(
+        "POST",
+        uri.as_str(),
+        signable_headers,
+        SignableBody::Bytes(body.as_bytes()),
+    )
+    .map_err(|e| e.to_string())?;
+    let (_, signature) = sign(request, &params)
+        .map_err(|e| e.to_string())?
+        .into_parts();
+    Ok(signature)
+}
+
 async fn get_metric_data(
     State(state): State<Arc<StandIn>>,
     headers: HeaderMap,
     body: String,
 ) -> (StatusCode, axum::Json<Value>) {
     let headers = headers_map(&headers);
+    let secret_key = if headers
+        .get("authorization")
+        .is_some_and(|a| a.contains("ASIAPODIDENTITY"))
+    {
+        "pod-secret"
+    } else {
+        "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+    };
+    let sent = headers
+        .get("authorization")
+        .and_then(|a| a.split("Signature=").nth(1))
+        .unwrap_or_default()
+        .to_owned();
+    match expected_signature(&headers, &body, secret_key) {
+        Ok(expected) if expected == sent => {}
+        other => {
+            return (
+                StatusCode::FORBIDDEN,
+                axum::Json(
+                    json!({"__type": "com.amazonaws.cloudwatch#SignatureDoesNotMatch",
+                    "message": format!("The request signature we calculated does not match: {other:?}")}),
+                ),
+            );
+        }
+    }
     let body: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
     if let Ok(mut calls) = state.calls.lock() {
         calls.push((headers.clone(), body.clone()));
@@ -212,7 +300,10 @@ async fn get_metric_data_is_signed_for_the_region_and_judged_on_the_newest_value
 
     let calls = state.calls.lock().map(|c| c.clone()).unwrap_or_default();
     let (headers, body) = &calls[0];
-    let today = jiff::Timestamp::now().strftime("%Y%m%d").to_string();
+    let today = headers
+        .get("x-amz-date")
+        .map(|d| d.chars().take(8).collect::<String>())
+        .unwrap_or_default();
     let authorization = headers.get("authorization").cloned().unwrap_or_default();
     assert!(
         authorization.starts_with(&format!(
