@@ -13,10 +13,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::prometheus::error_chain;
-use super::verdict::{judge_against_primary, judge_parts};
-use super::{
-    Observation, ProviderError, QueryContext, ServerAccess, primary_is_selected, query_in_seconds,
-};
+use super::{Observation, ProviderError, QueryContext, ServerAccess};
 use crate::api::{Metric, Provider};
 
 /// Where CloudWatch answers in `region`, unless a template sets `address`.
@@ -260,37 +257,11 @@ impl CloudWatch {
         metric: &Metric,
         ctx: &QueryContext,
     ) -> Result<Observation, ProviderError> {
-        let invalid = |source| ProviderError::InvalidMetric {
-            metric: metric.name.clone(),
-            source,
-        };
-        let (query, window) = query_in_seconds(provider, metric, ctx).map_err(invalid)?;
         let now = jiff::Timestamp::now().as_second();
-        let measured = self.value(&metric.name, &query, window, now).await?;
-        let own = judge_parts(&metric.threshold_range, None, measured, None);
-        let (verdict, primary_value) = match &metric.primary_comparison {
-            None => (own, None),
-            Some(comparison) => {
-                primary_is_selected(provider, metric, ctx)?;
-                let (primary_query, _) =
-                    query_in_seconds(provider, metric, &ctx.for_primary()).map_err(invalid)?;
-                let primary = self
-                    .value(&metric.name, &primary_query, window, now)
-                    .await?;
-                (
-                    judge_against_primary(comparison, None, (own, measured), (primary, None)),
-                    primary,
-                )
-            }
-        };
-        Ok(Observation {
-            metric: metric.name.clone(),
-            verdict,
-            value: measured,
-            requests: None,
-            query,
-            primary_value,
+        super::observe_one_number(provider, metric, ctx, |query, _| query, |query: String, window| async move {
+            self.value(&metric.name, &query, window, now).await
         })
+        .await
     }
 
     async fn value(

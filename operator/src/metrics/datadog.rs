@@ -6,11 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::verdict::{judge_against_primary, judge_parts};
-use super::{
-    Observation, ProviderError, QueryContext, ServerAccess, primary_is_selected, queries_for,
-    window_length,
-};
+use super::{Observation, ProviderError, QueryContext, ServerAccess};
 use crate::api::{Metric, Provider};
 
 /// Where Datadog's API lives unless a template says otherwise.
@@ -58,39 +54,11 @@ impl Datadog {
         metric: &Metric,
         ctx: &QueryContext,
     ) -> Result<Observation, ProviderError> {
-        let invalid = |source| ProviderError::InvalidMetric {
-            metric: metric.name.clone(),
-            source,
-        };
-        let query = queries_for(provider, metric, ctx).map_err(invalid)?.value;
-        let window = window_length(metric, ctx).map_err(invalid)?;
         let now = jiff::Timestamp::now().as_second();
-        let measured = self.instant(&metric.name, &query, window, now).await?;
-        let own = judge_parts(&metric.threshold_range, None, measured, None);
-        let (verdict, primary_value) = match &metric.primary_comparison {
-            None => (own, None),
-            Some(comparison) => {
-                primary_is_selected(provider, metric, ctx)?;
-                let primary_query = queries_for(provider, metric, &ctx.for_primary())
-                    .map_err(invalid)?
-                    .value;
-                let primary = self
-                    .instant(&metric.name, &primary_query, window, now)
-                    .await?;
-                (
-                    judge_against_primary(comparison, None, (own, measured), (primary, None)),
-                    primary,
-                )
-            }
-        };
-        Ok(Observation {
-            metric: metric.name.clone(),
-            verdict,
-            value: measured,
-            requests: None,
-            query,
-            primary_value,
+        super::observe_one_number(provider, metric, ctx, |query, _| query, |query: String, window| async move {
+            self.instant(&metric.name, &query, window, now).await
         })
+        .await
     }
 
     /// The base URL this client queries.

@@ -7,10 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::verdict::{judge_against_primary, judge_parts};
-use super::{
-    Observation, ProviderError, QueryContext, ServerAccess, primary_is_selected, query_in_seconds,
-};
+use super::{Observation, ProviderError, QueryContext, ServerAccess};
 use crate::api::{Metric, Provider};
 
 /// A graphite-web (or compatible) render API.
@@ -48,36 +45,10 @@ impl Graphite {
         metric: &Metric,
         ctx: &QueryContext,
     ) -> Result<Observation, ProviderError> {
-        let invalid = |source| ProviderError::InvalidMetric {
-            metric: metric.name.clone(),
-            source,
-        };
-        let (query, window) = query_in_seconds(provider, metric, ctx).map_err(invalid)?;
-        let measured = self.last_point(&metric.name, &query, window).await?;
-        let own = judge_parts(&metric.threshold_range, None, measured, None);
-        let (verdict, primary_value) = match &metric.primary_comparison {
-            None => (own, None),
-            Some(comparison) => {
-                primary_is_selected(provider, metric, ctx)?;
-                let (primary_query, _) =
-                    query_in_seconds(provider, metric, &ctx.for_primary()).map_err(invalid)?;
-                let primary = self
-                    .last_point(&metric.name, &primary_query, window)
-                    .await?;
-                (
-                    judge_against_primary(comparison, None, (own, measured), (primary, None)),
-                    primary,
-                )
-            }
-        };
-        Ok(Observation {
-            metric: metric.name.clone(),
-            verdict,
-            value: measured,
-            requests: None,
-            query,
-            primary_value,
+        super::observe_one_number(provider, metric, ctx, |query, _| query, |query: String, window| async move {
+            self.last_point(&metric.name, &query, window).await
         })
+        .await
     }
 
     /// Renders `query` over the last `window` and reads its last non-null point.

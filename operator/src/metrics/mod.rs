@@ -104,6 +104,50 @@ pub(crate) fn query_in_seconds(
     Ok((query, window))
 }
 
+/// Measures a metric of a provider that answers one number per query (all but Prometheus, whose builtins also
+/// count requests): the query rendered for the canary and, with `primaryComparison`, for the primary, each
+/// passed through `finish` (a provider's own additions, such as NRQL's `SINCE`) and measured over the same window
+/// by `measure`. `minRequests` does not apply: there is no request count.
+pub(crate) async fn observe_one_number<Measured>(
+    provider: Provider,
+    metric: &Metric,
+    ctx: &QueryContext,
+    finish: impl Fn(String, Duration) -> String,
+    measure: impl Fn(String, Duration) -> Measured,
+) -> Result<Observation, ProviderError>
+where
+    Measured: std::future::Future<Output = Result<Option<f64>, ProviderError>>,
+{
+    let invalid = |source| ProviderError::InvalidMetric {
+        metric: metric.name.clone(),
+        source,
+    };
+    let (query, window) = query_in_seconds(provider, metric, ctx).map_err(invalid)?;
+    let query = finish(query, window);
+    let measured = measure(query.clone(), window).await?;
+    let own = verdict::judge_parts(&metric.threshold_range, None, measured, None);
+    let (verdict, primary_value) = match &metric.primary_comparison {
+        None => (own, None),
+        Some(comparison) => {
+            primary_is_selected(provider, metric, ctx)?;
+            let (primary_query, _) =
+                query_in_seconds(provider, metric, &ctx.for_primary()).map_err(invalid)?;
+            let primary = measure(finish(primary_query, window), window).await?;
+            let verdict =
+                verdict::judge_against_primary(comparison, None, (own, measured), (primary, None));
+            (verdict, primary)
+        }
+    };
+    Ok(Observation {
+        metric: metric.name.clone(),
+        verdict,
+        value: measured,
+        requests: None,
+        query,
+        primary_value,
+    })
+}
+
 /// A comparison with the primary needs a query that names the workload: one that reads the same series for
 /// `<target>` and `<target>-primary` would compare the canary with itself and always pass.
 pub(crate) fn primary_is_selected(

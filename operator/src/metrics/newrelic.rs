@@ -10,10 +10,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::prometheus::error_chain;
-use super::verdict::{judge_against_primary, judge_parts};
-use super::{
-    Observation, ProviderError, QueryContext, ServerAccess, primary_is_selected, query_in_seconds,
-};
+use super::{Observation, ProviderError, QueryContext, ServerAccess};
 use crate::api::{Metric, Provider};
 
 /// NerdGraph, New Relic's GraphQL API (US region; EU accounts set `https://api.eu.newrelic.com/graphql`).
@@ -79,37 +76,14 @@ impl NewRelic {
         metric: &Metric,
         ctx: &QueryContext,
     ) -> Result<Observation, ProviderError> {
-        let invalid = |source| ProviderError::InvalidMetric {
-            metric: metric.name.clone(),
-            source,
-        };
-        let (query, window) = query_in_seconds(provider, metric, ctx).map_err(invalid)?;
-        let query = since(&query, window);
-        let measured = self.value(&metric.name, &query).await?;
-        let own = judge_parts(&metric.threshold_range, None, measured, None);
-        let (verdict, primary_value) = match &metric.primary_comparison {
-            None => (own, None),
-            Some(comparison) => {
-                primary_is_selected(provider, metric, ctx)?;
-                let (primary_query, _) =
-                    query_in_seconds(provider, metric, &ctx.for_primary()).map_err(invalid)?;
-                let primary = self
-                    .value(&metric.name, &since(&primary_query, window))
-                    .await?;
-                (
-                    judge_against_primary(comparison, None, (own, measured), (primary, None)),
-                    primary,
-                )
-            }
-        };
-        Ok(Observation {
-            metric: metric.name.clone(),
-            verdict,
-            value: measured,
-            requests: None,
-            query,
-            primary_value,
-        })
+        super::observe_one_number(
+            provider,
+            metric,
+            ctx,
+            |query, window| since(&query, window),
+            |query: String, _| async move { self.value(&metric.name, &query).await },
+        )
+        .await
     }
 
     async fn value(&self, metric: &str, nrql: &str) -> Result<Option<f64>, ProviderError> {
