@@ -311,15 +311,7 @@ impl CloudWatch {
             url: self.url.clone(),
             reason,
         };
-        let response = request
-            .send()
-            .await
-            .map_err(|e| unreachable(error_chain(&e)))?;
-        let status = response.status().as_u16();
-        let text = response
-            .text()
-            .await
-            .map_err(|e| unreachable(error_chain(&e)))?;
+        let (status, text) = super::prometheus::exchange(request, &self.url).await?;
         let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         match status {
             200 => {}

@@ -75,7 +75,7 @@ impl Datadog {
         now: i64,
     ) -> Result<Option<f64>, ProviderError> {
         let from = now - i64::try_from(window.as_secs().max(1)).unwrap_or(i64::MAX);
-        let response = self
+        let request = self
             .http
             .get(format!("{}/api/v1/query", self.url))
             .query(&[
@@ -84,21 +84,8 @@ impl Datadog {
                 ("query", query.to_owned()),
             ])
             .header("DD-API-KEY", &self.api_key)
-            .header("DD-APPLICATION-KEY", &self.application_key)
-            .send()
-            .await
-            .map_err(|e| ProviderError::Unreachable {
-                url: self.url.clone(),
-                reason: e.to_string(),
-            })?;
-        let status = response.status().as_u16();
-        let body = response
-            .text()
-            .await
-            .map_err(|e| ProviderError::BadResponse {
-                url: self.url.clone(),
-                reason: e.to_string(),
-            })?;
+            .header("DD-APPLICATION-KEY", &self.application_key);
+        let (status, body) = super::prometheus::exchange(request, &self.url).await?;
         match status {
             401 | 403 => Err(ProviderError::Unauthorized {
                 url: self.url.clone(),

@@ -67,18 +67,11 @@ impl Graphite {
             url: self.url.clone(),
             reason,
         };
-        let response = self
+        let request = self
             .http
             .get(format!("{}/render", self.url))
-            .query(&parameters)
-            .send()
-            .await
-            .map_err(|e| unreachable(super::prometheus::error_chain(&e)))?;
-        let status = response.status().as_u16();
-        let body = response
-            .text()
-            .await
-            .map_err(|e| unreachable(super::prometheus::error_chain(&e)))?;
+            .query(&parameters);
+        let (status, body) = super::prometheus::exchange(request, &self.url).await?;
         let bad_response = |reason: String| ProviderError::BadResponse {
             url: self.url.clone(),
             reason,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::prometheus::{Auth, error_chain};
+use super::prometheus::Auth;
 use super::{Observation, ProviderError, QueryContext, ServerAccess};
 use crate::api::{Metric, Provider};
 
@@ -118,15 +118,7 @@ impl InfluxDb {
             url: self.url.clone(),
             reason,
         };
-        let response = request
-            .send()
-            .await
-            .map_err(|e| unreachable(error_chain(&e)))?;
-        let status = response.status().as_u16();
-        let body = response
-            .text()
-            .await
-            .map_err(|e| unreachable(error_chain(&e)))?;
+        let (status, body) = super::prometheus::exchange(request, &self.url).await?;
         let bad_response = |reason: String| ProviderError::BadResponse {
             url: self.url.clone(),
             reason,

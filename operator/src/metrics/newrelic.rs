@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::prometheus::error_chain;
 use super::{Observation, ProviderError, QueryContext, ServerAccess};
 use crate::api::{Metric, Provider};
 
@@ -110,15 +109,7 @@ impl NewRelic {
             url: self.url.clone(),
             reason,
         };
-        let response = request
-            .send()
-            .await
-            .map_err(|e| unreachable(error_chain(&e)))?;
-        let status = response.status().as_u16();
-        let body = response
-            .text()
-            .await
-            .map_err(|e| unreachable(error_chain(&e)))?;
+        let (status, body) = super::prometheus::exchange(request, &self.url).await?;
         let query_error = |reason: String| ProviderError::Query {
             metric: Some(metric.to_owned()),
             query: nrql.to_owned(),

@@ -529,6 +529,22 @@ impl Prometheus {
     }
 }
 
+/// Sends `request` and reads the whole answer: its status and body. No answer (refused, timed out, cut off) is
+/// `Unreachable` at `url`.
+pub(crate) async fn exchange(
+    request: reqwest::RequestBuilder,
+    url: &str,
+) -> Result<(u16, String), ProviderError> {
+    let unreachable = |e: reqwest::Error| ProviderError::Unreachable {
+        url: url.to_owned(),
+        reason: error_chain(&e),
+    };
+    let response = request.send().await.map_err(unreachable)?;
+    let status = response.status().as_u16();
+    let body = response.text().await.map_err(unreachable)?;
+    Ok((status, body))
+}
+
 /// An HTTP client for the metrics server at `url` (http or https, with a host), sending `access`'s credentials
 /// and headers on every request and trusting its CA. Every request, connection included, gives up after
 /// `timeout`.
