@@ -31,9 +31,9 @@ pub enum ProviderError {
     )]
     Unreachable { url: String, reason: String },
     #[error(
-        "the metrics server at {url} refused Sluice's query ({status}{}): check the credentials it expects \
+        "the metrics server at {url} refused Sluice's query ({status}): check the credentials it expects \
          (the MetricTemplate's secretRef, or the operator's identity) and headers (such as a tenant's \
-         X-Scope-OrgID)",
+         X-Scope-OrgID){}",
         detail_of(.detail)
     )]
     Unauthorized {
@@ -93,7 +93,7 @@ fn detail_of(detail: &str) -> String {
     if detail.is_empty() {
         String::new()
     } else {
-        format!(": {detail}")
+        format!("; the server said: {detail}")
     }
 }
 
