@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
 #
-# Static, non-root image of the `sluice` binary (every subcommand: operator, authz, policy, crd, ...).
+# Static, non-root images: `sluice` (every subcommand: operator, authz, policy, crd, ...) and, with
+# `--target authz`, the lean `sluice-authz` sidecar (the ext_authz server alone, no Kubernetes client).
 #   docker build -t sluice:dev .
+#   docker build --target authz -t sluice-authz:dev .
 #   docker run --rm sluice:dev crd
 
 ARG RUST_VERSION=1.95
@@ -26,27 +28,48 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY .cargo .cargo
 COPY vendor vendor
+COPY rego/Cargo.toml rego/
+COPY authz/Cargo.toml authz/
 COPY operator/Cargo.toml operator/
 COPY e2e/Cargo.toml e2e/
+COPY testcluster/Cargo.toml testcluster/
 COPY xtask/Cargo.toml xtask/
-RUN mkdir -p operator/src e2e/src xtask/src \
-    && echo 'fn main() {}' > operator/src/main.rs && touch operator/src/lib.rs \
-    && echo 'fn main() {}' > e2e/src/main.rs && touch e2e/src/lib.rs \
-    && echo 'fn main() {}' > xtask/src/main.rs \
-    && cargo build --release --locked --target "${TARGET}" -p sluice \
-    && rm -rf operator/src e2e/src xtask/src
+RUN for crate in rego authz operator e2e testcluster xtask; do \
+        mkdir -p "$crate/src" && touch "$crate/src/lib.rs" && echo 'fn main() {}' > "$crate/src/main.rs"; \
+    done \
+    && mkdir -p rego/benches authz/benches operator/src/bin \
+    && echo 'fn main() {}' > rego/benches/policy_eval.rs \
+    && echo 'fn main() {}' > authz/benches/authz_load.rs \
+    && echo 'fn main() {}' > operator/src/bin/kubectl-sluice.rs \
+    && cargo build --release --locked --target "${TARGET}" -p sluice -p sluice-authz \
+    && rm -rf rego authz operator e2e testcluster xtask
 
-# 2. The real sources. Only the `sluice` crate is built; the other members just need to parse.
+# 2. The real sources. Only `sluice` and the `sluice-authz` sidecar are built; the other members just need
+#    to parse.
+COPY rego rego
+COPY authz authz
 COPY operator operator
 COPY e2e e2e
+COPY testcluster testcluster
+COPY tools tools
 COPY xtask xtask
 # Make sure cargo sees the sources as newer than the stub build.
-RUN touch operator/src/main.rs operator/src/lib.rs \
-    && cargo build --release --locked --target "${TARGET}" -p sluice \
+RUN find rego authz operator -name '*.rs' -exec touch {} + \
+    && cargo build --release --locked --target "${TARGET}" -p sluice -p sluice-authz \
     && cp "target/${TARGET}/release/sluice" /sluice \
-    && /sluice --version
+    && cp "target/${TARGET}/release/sluice-authz" /sluice-authz \
+    && /sluice --version && /sluice-authz --version
 
-# ---- runtime: distroless static, nonroot ------------------------------------------------------------------
+# ---- the ext_authz sidecar alone (no Kubernetes client): docker build --target authz -t sluice-authz:dev .
+FROM gcr.io/distroless/static-debian12:nonroot AS authz
+COPY --from=builder /sluice-authz /sluice-authz
+USER 65532:65532
+# 9191: ext_authz gRPC, 8282: metrics and health probes.
+EXPOSE 9191 8282
+ENTRYPOINT ["/sluice-authz"]
+CMD ["--help"]
+
+# ---- runtime (the default target, last): distroless static, nonroot ------------------------------------------------------------------
 FROM gcr.io/distroless/static-debian12:nonroot
 
 ARG VERSION=0.1.0

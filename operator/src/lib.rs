@@ -3,7 +3,8 @@
 //! The library holds everything the `sluice` binary runs; `main.rs` only parses arguments and dispatches.
 
 pub mod api;
-pub mod authz;
+/// The ext_authz decision service (its own crate, so the sidecar binary links no Kubernetes client).
+pub use sluice_authz as authz;
 pub mod cli;
 pub mod controller;
 pub mod metrics;

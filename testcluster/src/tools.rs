@@ -175,51 +175,122 @@ impl Tools {
         if tools.missing().is_empty() {
             return Ok(tools);
         }
-        let go = GoEnv::detect()?;
-        if !tools.versions.go_is_new_enough(&go.version) {
-            return Err(Error::Build(format!(
-                "{} is too old: the pinned modules need Go {} or newer (builds run with GOTOOLCHAIN=local)",
-                go.version, tools.versions.go_min
-            )));
-        }
-        progress(&format!(
-            "building the control plane from the Go module proxy with {} (Kubernetes {}, etcd {}, kwok {}) into {}",
-            go.version,
-            tools.versions.kubernetes,
-            tools.versions.etcd,
-            tools.versions.kwok,
-            cache_root().display()
-        ));
-        let started = Instant::now();
-        for binary in BINARIES {
-            let out = tools.path(binary);
-            if out.is_file() {
-                continue;
-            }
-            let version = tools.version_of(binary.module).to_string();
-            let cache_dir = cache_root().join(format!("{}-{version}", binary.module));
-            fs::create_dir_all(cache_dir.join("bin")).map_err(|e| Error::io(&cache_dir, e))?;
-            let _lock = FileLock::acquire(&cache_dir.join(".lock"))?;
-            if out.is_file() {
-                continue; // another process built it while we waited for the lock
-            }
-            let module_dir = modules_dir().join(binary.module);
-            let ldflags = go.ldflags(binary.module, &tools.versions, &module_dir)?;
-            go.build(&module_dir, binary, &ldflags, &out, progress)?;
-        }
+        let wanted: Vec<(&Binary, &str, PathBuf)> = BINARIES
+            .iter()
+            .map(|b| (b, tools.version_of(b.module), tools.path(b)))
+            .collect();
+        let what = format!(
+            "the control plane (Kubernetes {}, etcd {}, kwok {})",
+            tools.versions.kubernetes, tools.versions.etcd, tools.versions.kwok
+        );
+        let go = build_missing(&tools.versions, &what, &wanted, progress)?;
         if tools
             .missing()
             .iter()
             .any(|p| p.starts_with(&tools.kwok_stages))
         {
+            let go = match go {
+                Some(go) => go,
+                None => GoEnv::detect()?,
+            };
             copy_kwok_stages(&go, &tools.kwok_stages)?;
         }
-        progress(&format!(
-            "control plane binaries ready in {:.0?}",
-            started.elapsed()
-        ));
         Ok(tools)
     }
+}
+
+/// The real policy programs Sluice is compared with: OPA and the ghz gRPC load generator, built from
+/// `tools/go/{opa,ghz}` into `opa-<v>/bin/opa` and `ghz-<v>/bin/ghz` under the same cache.
+#[derive(Debug, Clone)]
+pub struct PolicyTools {
+    pub versions: Versions,
+    pub opa: PathBuf,
+    pub ghz: PathBuf,
+}
+
+const OPA: Binary = Binary {
+    module: "opa",
+    name: "opa",
+    package: "github.com/open-policy-agent/opa",
+};
+
+const GHZ: Binary = Binary {
+    module: "ghz",
+    name: "ghz",
+    package: "github.com/bojand/ghz/cmd/ghz",
+};
+
+impl PolicyTools {
+    /// Where the pinned binaries are (or will be) in the cache; nothing is checked or built.
+    pub fn locate() -> Result<Self, Error> {
+        let versions = Versions::pinned()?;
+        let root = cache_root();
+        Ok(PolicyTools {
+            opa: root
+                .join(format!("opa-{}", versions.opa))
+                .join("bin")
+                .join("opa"),
+            ghz: root
+                .join(format!("ghz-{}", versions.ghz))
+                .join("bin")
+                .join("ghz"),
+            versions,
+        })
+    }
+
+    /// OPA and ghz, building the missing ones first (about 4 minutes on 2 cores; then cached by version).
+    pub fn ensure(progress: Progress<'_>) -> Result<Self, Error> {
+        let tools = Self::locate()?;
+        let wanted = [
+            (&OPA, tools.versions.opa.as_str(), tools.opa.clone()),
+            (&GHZ, tools.versions.ghz.as_str(), tools.ghz.clone()),
+        ];
+        let what = format!("OPA {} and ghz {}", tools.versions.opa, tools.versions.ghz);
+        build_missing(&tools.versions, &what, &wanted, progress)?;
+        Ok(tools)
+    }
+}
+
+/// Builds each `(binary, version, output path)` whose output is missing. Returns the Go environment when
+/// anything had to be built.
+fn build_missing(
+    versions: &Versions,
+    what: &str,
+    wanted: &[(&Binary, &str, PathBuf)],
+    progress: Progress<'_>,
+) -> Result<Option<GoEnv>, Error> {
+    if wanted.iter().all(|(_, _, out)| out.is_file()) {
+        return Ok(None);
+    }
+    let go = GoEnv::detect()?;
+    if !versions.go_is_new_enough(&go.version) {
+        return Err(Error::Build(format!(
+            "{} is too old: the pinned modules need Go {} or newer (builds run with GOTOOLCHAIN=local)",
+            go.version, versions.go_min
+        )));
+    }
+    progress(&format!(
+        "building {what} from the Go module proxy with {} into {}",
+        go.version,
+        cache_root().display()
+    ));
+    let started = Instant::now();
+    for (binary, version, out) in wanted {
+        if out.is_file() {
+            continue;
+        }
+        let cache_dir = cache_root().join(format!("{}-{version}", binary.module));
+        fs::create_dir_all(cache_dir.join("bin")).map_err(|e| Error::io(&cache_dir, e))?;
+        let _lock = FileLock::acquire(&cache_dir.join(".lock"))?;
+        if out.is_file() {
+            continue; // another process built it while we waited for the lock
+        }
+        let module_dir = modules_dir().join(binary.module);
+        let ldflags = go.ldflags(binary.module, versions, &module_dir)?;
+        go.build(&module_dir, binary, &ldflags, out, progress)?;
+    }
+    progress(&format!("{what}: ready in {:.0?}", started.elapsed()));
+    Ok(Some(go))
 }
 
 fn file_name(path: &str) -> &str {
@@ -320,6 +391,8 @@ impl GoEnv {
                 " -X go.etcd.io/etcd/api/v3/version.GitSHA={}",
                 versions.etcd
             )),
+            // ghz reports `dev` otherwise.
+            "ghz" => flags.push_str(&format!(" -X main.version={}", versions.ghz)),
             "kubernetes" => {
                 let (major, minor) = versions.kubernetes_minor()?;
                 // The release's publication time on the module proxy, so rebuilds are reproducible.

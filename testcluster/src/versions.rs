@@ -15,6 +15,10 @@ pub struct Versions {
     pub etcd: String,
     /// `sigs.k8s.io/kwok` release, e.g. `v0.8.0`.
     pub kwok: String,
+    /// `github.com/open-policy-agent/opa` release, e.g. `v1.22.4` (interop tests and benchmarks).
+    pub opa: String,
+    /// `github.com/bojand/ghz` release, e.g. `v0.121.0` (ext_authz benchmarks).
+    pub ghz: String,
     /// The oldest Go that builds them (the highest `go` line of the modules), e.g. `1.26.0`.
     pub go_min: String,
 }
@@ -34,6 +38,8 @@ impl Versions {
             kubernetes: get("KUBERNETES_VERSION")?,
             etcd: get("ETCD_VERSION")?,
             kwok: get("KWOK_VERSION")?,
+            opa: get("OPA_VERSION")?,
+            ghz: get("GHZ_VERSION")?,
             go_min: get("GO_MIN_VERSION")?,
         };
         versions.kubernetes_minor()?;
@@ -101,7 +107,7 @@ mod tests {
     #[test]
     fn comments_and_blanks_are_ignored() {
         let v = Versions::parse(
-            "# c\n\nKUBERNETES_VERSION=v1.2.3\nETCD_VERSION = v3.0.0\nKWOK_VERSION=v0.1.0\nGO_MIN_VERSION=1.26.0\n",
+            "# c\n\nKUBERNETES_VERSION=v1.2.3\nETCD_VERSION = v3.0.0\nKWOK_VERSION=v0.1.0\nOPA_VERSION=v1.0.0\nGHZ_VERSION=v0.1.0\nGO_MIN_VERSION=1.26.0\n",
         )
         .expect("parses");
         assert!(v.go_is_new_enough("go1.26.8"));
@@ -136,6 +142,14 @@ mod tests {
         assert!(
             read("kwok").contains(&format!("sigs.k8s.io/kwok {}", v.kwok)),
             "kwok go.mod"
+        );
+        assert!(
+            read("opa").contains(&format!("github.com/open-policy-agent/opa {}", v.opa)),
+            "opa go.mod"
+        );
+        assert!(
+            read("ghz").contains(&format!("github.com/bojand/ghz {}", v.ghz)),
+            "ghz go.mod"
         );
     }
 }

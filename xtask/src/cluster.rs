@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use clap::Subcommand;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams};
-use sluice_testcluster::{Cluster, ClusterOptions, ClusterState, Tools};
+use sluice_testcluster::{Cluster, ClusterOptions, ClusterState, PolicyTools, Tools};
 
 #[derive(Subcommand)]
 pub enum ClusterCommand {
@@ -101,6 +101,16 @@ pub fn build() -> Result<Tools, String> {
         tools.versions.kwok,
         crds.len(),
         started.elapsed()
+    );
+    Ok(tools)
+}
+
+/// OPA and ghz at their pinned versions, for the interop tests and benchmarks (cached like the control plane).
+pub fn build_policy_tools() -> Result<PolicyTools, String> {
+    let tools = PolicyTools::ensure(&|line| println!("{line}")).map_err(|e| e.to_string())?;
+    println!(
+        "OPA {} and ghz {} ready",
+        tools.versions.opa, tools.versions.ghz
     );
     Ok(tools)
 }

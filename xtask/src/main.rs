@@ -146,6 +146,8 @@ fn test() -> Result<(), String> {
     ensure_packages()?;
     step("building the local control plane (first run on a new machine: about 13 minutes)");
     cluster::build()?;
+    step("building OPA and ghz (first run on a new machine: about 4 minutes)");
+    cluster::build_policy_tools()?;
     step("cargo fmt --check");
     run(Command::new(cargo()).args(["fmt", "--all", "--", "--check"]))?;
     step("cargo clippy");

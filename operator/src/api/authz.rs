@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::Condition;
 
 /// Decision queried when the spec names none; the same default as OPA-Envoy.
-pub const DEFAULT_QUERY: &str = "data.envoy.authz.allow";
+pub use sluice_authz::DEFAULT_QUERY;
 
 /// Rego policy pushed to the workloads selected by `selector` and enforced by their ext_authz sidecar.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -1,6 +1,6 @@
 //! Command-line parsing and output. Each subcommand calls into the library; nothing here holds logic.
 
-pub mod authz;
+pub use sluice_authz::cli as authz;
 pub mod policy;
 pub mod rollout;
 
@@ -109,11 +109,7 @@ pub enum SimulateFormat {
     Json,
 }
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use sluice_authz::cli::{LogFormat, init_logging};
 
 #[derive(Debug, Error)]
 pub enum CliError {
@@ -263,19 +259,6 @@ fn simulate(args: SimulateArgs) -> Result<ExitCode, CliError> {
             source,
         })?;
     Ok(ExitCode::SUCCESS)
-}
-
-pub(crate) fn init_logging(format: LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // A second init (tests) is harmless.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
 }
 
 async fn operator(args: OperatorArgs) -> Result<(), CliError> {

@@ -1,18 +1,6 @@
-//! Rego policies: the engine (a regorus wrapper with OPA-compatible JWT builtins), the `policy test`
-//! runner, OPA bundles (build, load, sign) and the bundle server of `sluice operator`.
+//! Rego policies: the engine, bundles and signing live in the `sluice-rego` crate (shared with the
+//! `sluice-authz` sidecar); the operator adds the bundle server.
 
-pub mod bundle;
-pub mod engine;
-pub mod jwt;
+pub use sluice_rego::{Module, bundle, engine, jwt, signing, testing};
+
 pub mod server;
-pub mod signing;
-pub mod testing;
-
-/// One Rego source file, as loaded from a bundle or from disk.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Module {
-    /// File name inside the bundle (e.g. `envoy/authz.rego`); used in error messages.
-    pub path: String,
-    /// Rego source text.
-    pub source: String,
-}

@@ -21,14 +21,14 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, 
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::google::protobuf::Timestamp;
 use serde_json::json;
-use sluice::authz::grpc::grpc_response;
-use sluice::authz::input::{InputOptions, input_from_check_request, policy_input};
-use sluice::authz::metrics::AuthzMetrics;
-use sluice::authz::response::{Decision, ResponseOptions, check_response};
-use sluice::authz::{Active, Authorizer, Overrides};
-use sluice::policy::Module;
-use sluice::policy::bundle::{Bundle, LoadOptions};
-use sluice::policy::engine::Limits;
+use sluice_authz::grpc::grpc_response;
+use sluice_authz::input::{InputOptions, input_from_check_request, policy_input};
+use sluice_authz::metrics::AuthzMetrics;
+use sluice_authz::response::{Decision, ResponseOptions, check_response};
+use sluice_authz::{Active, Authorizer, Overrides};
+use sluice_rego::Module;
+use sluice_rego::bundle::{Bundle, LoadOptions};
+use sluice_rego::engine::Limits;
 use tonic::transport::Channel;
 
 /// Our version of OPA-Envoy's example policy: method and path rules on `input.parsed_path`, no JWT.
@@ -494,8 +494,7 @@ impl Server {
     fn start(bundle: &Path, extra: &[&str], dir: &Path) -> Server {
         let (grpc, http, admin) = (free_port(), free_port(), free_port());
         let stderr = dir.join(format!("authz-{grpc}.err"));
-        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .arg("authz")
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice-authz"))
             .arg("--bundle")
             .arg(bundle)
             .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])

@@ -981,7 +981,7 @@ fn merge_data(mut files: Vec<(String, Vec<String>, Value)>) -> Result<Value, Bun
 
 /// Merges `src` into `dst` like OPA merges data documents: objects recursively, any other overlap is a
 /// conflict, returned as the path where it happened.
-pub(crate) fn merge_objects(
+pub fn merge_objects(
     dst: &mut Map<String, Value>,
     src: Map<String, Value>,
     path: &mut Vec<String>,

@@ -1,4 +1,4 @@
-//! `sluice authz`: flags and start-up of the ext_authz decision service.
+//! `sluice authz` (and the `sluice-authz` sidecar binary): flags and start-up of the ext_authz decision service.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,15 +8,15 @@ use std::time::Duration;
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use thiserror::Error;
 
-use crate::authz::decision_log::{DEFAULT_MASKED_HEADERS, DecisionLog};
-use crate::authz::grpc::CheckService;
-use crate::authz::input::InputOptions;
-use crate::authz::metrics::AuthzMetrics;
-use crate::authz::source::{BundleSource, Loader};
-use crate::authz::{Authorizer, Overrides};
-use crate::policy::bundle::LoadOptions;
-use crate::policy::engine::Limits;
-use crate::policy::signing::{SigningAlgorithm, VerificationKey};
+use crate::decision_log::{DEFAULT_MASKED_HEADERS, DecisionLog};
+use crate::grpc::CheckService;
+use crate::input::InputOptions;
+use crate::metrics::AuthzMetrics;
+use crate::source::{BundleSource, Loader};
+use crate::{Authorizer, Overrides};
+use sluice_rego::bundle::LoadOptions;
+use sluice_rego::engine::Limits;
+use sluice_rego::signing::{SigningAlgorithm, VerificationKey};
 
 #[derive(Debug, clap::Args)]
 pub struct AuthzArgs {
@@ -82,8 +82,8 @@ pub struct AuthzArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// Log format (application logs on stderr; decision logs are JSON lines on stdout).
-    #[arg(long, value_enum, default_value_t = super::LogFormat::Text)]
-    pub log_format: super::LogFormat,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Error)]
@@ -104,7 +104,7 @@ pub enum AuthzError {
         source: std::io::Error,
     },
     #[error("{0}")]
-    Signing(#[from] crate::policy::signing::SigningError),
+    Signing(#[from] sluice_rego::signing::SigningError),
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
 }
@@ -135,8 +135,8 @@ async fn listen(
 }
 
 async fn serve(args: AuthzArgs) -> Result<(), AuthzError> {
-    super::init_logging(args.log_format);
-    crate::metrics::install_crypto_provider();
+    init_logging(args.log_format);
+    install_crypto_provider();
     let mut options = LoadOptions::default();
     if let Some(path) = &args.verification_key {
         let key = std::fs::read(path).map_err(|source| AuthzError::Key {
@@ -203,15 +203,15 @@ async fn serve(args: AuthzArgs) -> Result<(), AuthzError> {
         "sluice authz starting"
     );
     let admin = tokio::spawn({
-        let router = crate::authz::http::admin_router(authorizer.clone());
+        let router = crate::http::admin_router(authorizer.clone());
         async move { axum::serve(admin_listener, router).await }
     });
     let http = http_listener.map(|listener| {
-        let options = crate::authz::http::HttpCheckOptions {
+        let options = crate::http::HttpCheckOptions {
             path_prefix: args.http_path_prefix.clone(),
             allow_unsignalled_body: args.http_allow_unsignalled_body,
         };
-        let router = crate::authz::http::check_router(authorizer.clone(), &options);
+        let router = crate::http::check_router(authorizer.clone(), &options);
         let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
             let _ = stream.set_nodelay(true);
         });
@@ -235,6 +235,34 @@ async fn serve(args: AuthzArgs) -> Result<(), AuthzError> {
     }
     tracing::info!("sluice authz stopped");
     result.map_err(AuthzError::from)
+}
+
+/// Log format of application logs (on stderr).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Application logs on stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests) is harmless.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// rustls needs one process-wide crypto provider for the bundle server client (https:// bundle URLs).
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -922,8 +922,8 @@ impl JsonParser<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Module;
-    use crate::policy::bundle::{BundleError, LoadOptions};
+    use crate::Module;
+    use crate::bundle::{BundleError, LoadOptions};
     use b64url::decode_part;
     use serde_json::json;
 

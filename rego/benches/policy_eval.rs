@@ -9,8 +9,8 @@ use regorus::languages::rego::compiler::Compiler;
 use regorus::rvm::vm::RegoVM;
 use regorus::{Rc, Value};
 use serde_json::json;
-use sluice::policy::Module;
-use sluice::policy::engine::{Limits, PolicyEngine};
+use sluice_rego::Module;
+use sluice_rego::engine::{Limits, PolicyEngine};
 
 const POLICY: &str = r#"package envoy.authz
 

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::policy::bundle::{Bundle, LoadOptions};
-use crate::policy::engine::Limits;
+use sluice_rego::bundle::{Bundle, LoadOptions};
+use sluice_rego::engine::Limits;
 
 use super::{Active, Authorizer, Overrides, retry_delay};
 

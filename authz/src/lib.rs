@@ -2,6 +2,7 @@
 //! OPA-Envoy's input and result formats. Each request is evaluated on the thread that received it with
 //! that thread's own engine, so decisions never queue behind one shared engine.
 
+pub mod cli;
 pub mod decision_log;
 pub mod grpc;
 pub mod http;
@@ -11,6 +12,9 @@ pub mod multipart;
 pub mod response;
 pub mod source;
 
+/// The decision `sluice authz` evaluates when neither the bundle nor `--query` names one (OPA-Envoy's default).
+pub const DEFAULT_QUERY: &str = "data.envoy.authz.allow";
+
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -18,11 +22,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
-use crate::policy::bundle::Bundle;
-use crate::policy::engine::{EvalError, Limits, PolicyEngine};
 use decision_log::{DecisionLog, DecisionRecord};
 use metrics::AuthzMetrics;
 use response::Decision;
+use sluice_rego::bundle::Bundle;
+use sluice_rego::engine::{EvalError, Limits, PolicyEngine};
 
 /// What to evaluate and how to enforce it, after command-line overrides.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,7 +62,7 @@ impl Overrides {
                 .query
                 .clone()
                 .or_else(|| field("query").and_then(Value::as_str).map(str::to_owned))
-                .unwrap_or_else(|| crate::api::DEFAULT_QUERY.to_owned()),
+                .unwrap_or_else(|| DEFAULT_QUERY.to_owned()),
             dry_run: self.dry_run || field("mode").and_then(Value::as_str) == Some("dryRun"),
             fail_open: self.fail_open || field("failOpen").and_then(Value::as_bool) == Some(true),
             strict_builtin_errors: self.strict_builtin_errors
@@ -86,7 +90,7 @@ pub enum ActivationError {
     Compile {
         revision: String,
         #[source]
-        source: crate::policy::engine::CompileError,
+        source: sluice_rego::engine::CompileError,
     },
     #[error(
         "bundle {revision} does not define {query}: its packages are {packages}; set --query or fix the bundle"
