@@ -10,7 +10,7 @@ use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, 
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use sluice::authz::input::{InputOptions, PARTIAL_BODY_HEADER, policy_input};
+use sluice_authz::input::{InputOptions, PARTIAL_BODY_HEADER, policy_input};
 
 const CONTENT_TYPES: &[&str] = &[
     "application/json",

@@ -5,7 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use sluice::authz::response::{
+use sluice_authz::response::{
     Decision, GRPC_OK, GRPC_PERMISSION_DENIED, ResponseOptions, check_response, http_verdict,
 };
 

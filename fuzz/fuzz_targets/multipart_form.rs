@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sluice::authz::multipart::{parse_media_type, read_form};
+use sluice_authz::multipart::{parse_media_type, read_form};
 
 fuzz_target!(|data: &[u8]| {
     // The first line is the content type, the rest is the body.
