@@ -24,7 +24,12 @@ fn linked_packages() -> BTreeSet<String> {
         .as_array()
         .expect("packages")
         .iter()
-        .map(|p| (p["id"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or("")))
+        .map(|p| {
+            (
+                p["id"].as_str().unwrap_or(""),
+                p["name"].as_str().unwrap_or(""),
+            )
+        })
         .collect();
     let nodes: HashMap<&str, &Value> = metadata["resolve"]["nodes"]
         .as_array()

@@ -65,6 +65,17 @@ pub struct OperatorArgs {
     /// Address of the OPA-compatible bundle server (`GET /bundles/<namespace>/<name>`).
     #[arg(long, default_value = "0.0.0.0:8181")]
     pub bundle_addr: std::net::SocketAddr,
+    /// Sign every bundle the operator serves with this PEM private key (or HMAC secret file with
+    /// --bundle-signing-alg HS256), so OPA (`keys` + `signing`) and `sluice authz --verification-key` can
+    /// refuse a bundle altered on the way. Mount it from a Secret.
+    #[arg(long, env = "SLUICE_BUNDLE_SIGNING_KEY", value_name = "FILE")]
+    pub bundle_signing_key: Option<PathBuf>,
+    /// Algorithm of --bundle-signing-key.
+    #[arg(long, default_value = "RS256")]
+    pub bundle_signing_alg: crate::policy::signing::SigningAlgorithm,
+    /// `keyid` written into served bundles' signatures (what OPA's `signing.keyid` names).
+    #[arg(long, value_name = "ID")]
+    pub bundle_signing_key_id: Option<String>,
     /// AlertProvider (`NAMESPACE/NAME`) for Rollouts that configure no alerts; they get warnings and errors.
     #[arg(long, value_name = "NAMESPACE/NAME")]
     pub default_alert_provider: Option<String>,
@@ -149,6 +160,14 @@ pub enum CliError {
     },
     #[error("no usable Kubernetes configuration (set KUBECONFIG or run in a cluster): {0}")]
     Kubeconfig(#[source] kube::Error),
+    #[error("cannot read --bundle-signing-key {path}: {source}")]
+    SigningKeyFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid --bundle-signing-key: {0}")]
+    SigningKey(#[source] crate::policy::signing::SigningError),
     #[error("invalid --default-alert-provider {0:?}: expected NAMESPACE/NAME")]
     DefaultAlertProvider(String),
     #[error("cannot set up alert delivery: {0}")]
@@ -261,6 +280,31 @@ fn simulate(args: SimulateArgs) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The key served bundles are signed with, read once at start-up (a bad key stops the operator there).
+fn bundle_signing_key(
+    args: &OperatorArgs,
+) -> Result<Option<crate::policy::signing::SigningKey>, CliError> {
+    use crate::policy::signing::SigningKey;
+    let Some(path) = &args.bundle_signing_key else {
+        return Ok(None);
+    };
+    let bytes = std::fs::read(path).map_err(|source| CliError::SigningKeyFile {
+        path: path.clone(),
+        source,
+    })?;
+    let alg = args.bundle_signing_alg;
+    let key = if alg.is_hmac() {
+        SigningKey::from_secret(alg, &bytes)
+    } else {
+        SigningKey::from_pem(alg, &bytes)
+    }
+    .map_err(CliError::SigningKey)?;
+    Ok(Some(match &args.bundle_signing_key_id {
+        Some(id) => key.with_key_id(id.clone()),
+        None => key,
+    }))
+}
+
 async fn operator(args: OperatorArgs) -> Result<(), CliError> {
     init_logging(args.log_format);
     let listener = crate::telemetry::bind(args.metrics_addr)
@@ -297,6 +341,7 @@ async fn operator(args: OperatorArgs) -> Result<(), CliError> {
             })
         }
     };
+    let signing = bundle_signing_key(&args)?;
     let deliverer = crate::notify::Deliverer::new(
         std::time::Duration::from_secs(args.alert_timeout_secs.max(1)),
         args.alert_proxy.as_deref(),
@@ -334,7 +379,7 @@ async fn operator(args: OperatorArgs) -> Result<(), CliError> {
             default_alert,
             args.metric_templates_use_operator_identity,
         ),
-        crate::controller::authz::run(client, bundles, telemetry),
+        crate::controller::authz::run(client, bundles, telemetry, signing),
     );
     server.abort();
     bundle_server.abort();

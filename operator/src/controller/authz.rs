@@ -28,6 +28,7 @@ use crate::policy::Module;
 use crate::policy::bundle::Bundle;
 use crate::policy::engine::Limits;
 use crate::policy::server::{BundleStore, ServedBundle};
+use crate::policy::signing::{SigningKey, sign};
 use crate::policy::testing::{Outcome, run_tests};
 use crate::rollout::set_condition_status;
 use crate::telemetry::Telemetry;
@@ -92,6 +93,8 @@ struct Context {
     store: BundleStore,
     telemetry: Arc<Telemetry>,
     limits: Limits,
+    /// Signs every served bundle (`--bundle-signing-key`).
+    signing: Option<SigningKey>,
     /// Last build per policy, keyed by a digest of its resolved inputs, so a resync does not recompile.
     builds: Mutex<HashMap<ObjectRef<AuthorizationPolicy>, (u64, BuildOutcome)>>,
     failures: Mutex<HashMap<ObjectRef<AuthorizationPolicy>, u32>>,
@@ -101,13 +104,19 @@ struct Context {
 pub const READY_COMPONENT: &str = "authorizationpolicies";
 
 /// Runs the AuthorizationPolicy controller until the watch streams end.
-pub async fn run(client: Client, store: BundleStore, telemetry: Arc<Telemetry>) {
+pub async fn run(
+    client: Client,
+    store: BundleStore,
+    telemetry: Arc<Telemetry>,
+    signing: Option<SigningKey>,
+) {
     let policies: Api<AuthorizationPolicy> = Api::all(client.clone());
     let context = Arc::new(Context {
         client: client.clone(),
         store: store.clone(),
         telemetry,
         limits: Limits::default(),
+        signing,
         builds: Mutex::default(),
         failures: Mutex::default(),
     });
@@ -310,6 +319,7 @@ pub fn build(
     data: &serde_json::Value,
     metadata: serde_json::Value,
     limits: Limits,
+    signing: Option<&SigningKey>,
 ) -> BuildOutcome {
     let report =
         run_tests(modules, data, None, limits).map_err(|e| Rejection::Compile(e.to_string()))?;
@@ -339,8 +349,12 @@ pub fn build(
         .iter()
         .filter(|r| matches!(r.outcome, Outcome::Pass))
         .count();
-    let bundle = Bundle::from_parts(modules.to_vec(), data.clone(), None, Some(metadata))
+    let mut bundle = Bundle::from_parts(modules.to_vec(), data.clone(), None, Some(metadata))
         .map_err(|e| Rejection::Bundle(e.to_string()))?;
+    if let Some(key) = signing {
+        sign(&mut bundle, key)
+            .map_err(|e| Rejection::Bundle(format!("cannot sign the bundle: {e}")))?;
+    }
     let bytes = bundle
         .to_tar_gz()
         .map_err(|e| Rejection::Bundle(e.to_string()))?;
@@ -536,8 +550,9 @@ async fn reconcile(policy: Arc<AuthorizationPolicy>, ctx: Arc<Context>) -> Resul
                         strict_builtin_errors: policy.spec.strict_builtin_errors,
                         ..ctx.limits
                     };
+                    let signing = ctx.signing.clone();
                     let outcome = tokio::task::spawn_blocking(move || {
-                        build(&modules, &data, metadata, limits)
+                        build(&modules, &data, metadata, limits, signing.as_ref())
                     })
                     .await?;
                     ctx.builds
@@ -1112,15 +1127,59 @@ mod tests {
             module("authz.rego", GOOD),
             module("authz_test.rego", GOOD_TEST),
         ];
-        let built = build(&modules, &json!({}), json!({}), Limits::default()).expect("accepted");
+        let built =
+            build(&modules, &json!({}), json!({}), Limits::default(), None).expect("accepted");
         assert_eq!(built.tests, 2);
         // Deterministic: the same inputs give the same revision.
-        let again = build(&modules, &json!({}), json!({}), Limits::default()).expect("accepted");
+        let again =
+            build(&modules, &json!({}), json!({}), Limits::default(), None).expect("accepted");
         assert_eq!(built.revision, again.revision);
         assert_eq!(built.bytes, again.bytes);
-        let other =
-            build(&modules[..1], &json!({}), json!({}), Limits::default()).expect("accepted");
+        let other = build(
+            &modules[..1],
+            &json!({}),
+            json!({}),
+            Limits::default(),
+            None,
+        )
+        .expect("accepted");
         assert_ne!(built.revision, other.revision);
+    }
+
+    #[test]
+    fn served_bundles_are_signed_with_the_operator_key() {
+        use crate::policy::bundle::LoadOptions;
+        use crate::policy::signing::{SigningAlgorithm, VerificationKey};
+        const PRIVATE: &str = include_str!("../../../rego/src/testdata/rsa_private.pem");
+        const PUBLIC: &str = include_str!("../../../rego/src/testdata/rsa_public.pem");
+        const OTHER: &str = include_str!("../../../rego/src/testdata/rsa_other_public.pem");
+        let modules = [module("authz.rego", GOOD)];
+        let key = SigningKey::from_pem(SigningAlgorithm::RS256, PRIVATE.as_bytes())
+            .expect("key")
+            .with_key_id("sluice");
+        let signed = build(
+            &modules,
+            &json!({}),
+            json!({}),
+            Limits::default(),
+            Some(&key),
+        )
+        .expect("accepted");
+        let unsigned =
+            build(&modules, &json!({}), json!({}), Limits::default(), None).expect("accepted");
+        assert_eq!(
+            signed.revision, unsigned.revision,
+            "signing keeps the revision"
+        );
+        let verify = |pem: &str| LoadOptions {
+            verification_key: Some(
+                VerificationKey::from_pem(SigningAlgorithm::RS256, pem.as_bytes()).expect("key"),
+            ),
+            ..LoadOptions::default()
+        };
+        Bundle::from_tar_gz(&signed.bytes, &verify(PUBLIC)).expect("verifies with the public key");
+        assert!(Bundle::from_tar_gz(&signed.bytes, &verify(OTHER)).is_err());
+        assert!(Bundle::from_tar_gz(&unsigned.bytes, &verify(PUBLIC)).is_err());
     }
 
     /// `spec.data` holding `raw` bytes that gzip cannot shrink (a xorshift stream, base64-encoded).
@@ -1151,6 +1210,7 @@ mod tests {
             &incompressible_data(MAX_CONFIGMAP_BUNDLE_BYTES / 2),
             json!({}),
             Limits::default(),
+            None,
         )
         .expect("half the limit is accepted");
         assert!(fits.bytes.len() <= MAX_CONFIGMAP_BUNDLE_BYTES);
@@ -1165,6 +1225,7 @@ mod tests {
             &incompressible_data(MAX_CONFIGMAP_BUNDLE_BYTES + MAX_CONFIGMAP_BUNDLE_BYTES / 10),
             json!({}),
             Limits::default(),
+            None,
         );
         let message = match &too_big {
             Err(Rejection::Bundle(message)) => message.clone(),
@@ -1192,7 +1253,7 @@ mod tests {
     #[test]
     fn build_rejects_compile_errors_with_position_and_failing_tests_by_name() {
         let broken = [module("authz.rego", "package envoy.authz\n\nallow if {\n")];
-        match build(&broken, &json!({}), json!({}), Limits::default()) {
+        match build(&broken, &json!({}), json!({}), Limits::default(), None) {
             Err(Rejection::Compile(message)) => {
                 assert!(message.contains("authz.rego:"), "{message}")
             }
@@ -1203,7 +1264,7 @@ mod tests {
             module("authz.rego", GOOD),
             module("authz_test.rego", failing_test),
         ];
-        match build(&modules, &json!({}), json!({}), Limits::default()) {
+        match build(&modules, &json!({}), json!({}), Limits::default(), None) {
             Err(Rejection::Tests(message)) => {
                 assert!(message.contains("test_post_allowed"), "{message}");
                 assert!(message.contains("authz_test.rego"), "{message}");
