@@ -228,7 +228,15 @@ pub fn sluice_binary() -> std::io::Result<PathBuf> {
             };
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = Command::new(cargo)
-                .args(["build", "--quiet", "-p", "sluice", "--bins"])
+                .args([
+                    "build",
+                    "--quiet",
+                    "-p",
+                    "sluice",
+                    "-p",
+                    "sluice-authz",
+                    "--bins",
+                ])
                 .current_dir(repo_root())
                 .status()
                 .map_err(|e| format!("cannot run cargo: {e}"))?;
@@ -257,6 +265,16 @@ impl OperatorProcess {
         prometheus_url: &str,
         log_path: &Path,
     ) -> std::io::Result<OperatorProcess> {
+        Self::start_with(kubeconfig, prometheus_url, log_path, &[])
+    }
+
+    /// [`OperatorProcess::start`] with more `sluice operator` flags.
+    pub fn start_with(
+        kubeconfig: &Path,
+        prometheus_url: &str,
+        log_path: &Path,
+        extra_args: &[&str],
+    ) -> std::io::Result<OperatorProcess> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -275,6 +293,7 @@ impl OperatorProcess {
                 "--prometheus-url",
                 prometheus_url,
             ])
+            .args(extra_args)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .stdout(Stdio::null())

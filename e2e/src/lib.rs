@@ -6,4 +6,5 @@ pub mod alertmanager;
 pub mod graphite;
 pub mod harness;
 pub mod influxdb;
+pub mod opa;
 pub mod prometheus;
