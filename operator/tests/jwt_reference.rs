@@ -1,5 +1,5 @@
 //! Sluice's `io.jwt.*` extensions against the real OPA engine's answers, recorded in
-//! `policies/tools/jwt_reference.json` by `opa_reference.py --jwt`. OPA's errors are strict there; in OPA's
+//! `policies/tools/jwt_reference.json` by the real OPA (`e2e/tests/opa_interop.rs`). OPA's errors are strict there; in OPA's
 //! default mode (and Sluice's) a builtin error makes the expression undefined.
 
 use std::path::Path;

@@ -1,6 +1,6 @@
 //! The shipped policy library: `sluice policy test policies/` passes, and Sluice's decisions on each
 //! example input agree with the real OPA engine's (recorded in `inputs/*.expected.json` by
-//! `policies/tools/opa_reference.py`).
+//! `SLUICE_BLESS=1 cargo test -p sluice-e2e --test opa_interop`, which checks them against OPA in CI).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
