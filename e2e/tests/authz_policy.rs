@@ -1,8 +1,8 @@
 //! End-to-end AuthorizationPolicy flow: the real `sluice operator`, holding only the RBAC of `config/base`,
 //! against a real local control plane (see `testcluster/`) compiles and tests the Rego, serves the bundle
-//! over OPA's bundle protocol, wakes long-polling clients on a new revision, keeps the last good revision
-//! when a module breaks, wires the policy into Istio (the published security.istio.io CRD), and lets the
-//! garbage collector remove what it owns when the policy is deleted.
+//! over OPA's bundle protocol, wakes long-polling clients (and a real `opa run`) on a new revision, keeps the
+//! last good revision when a module breaks, wires the policy into Istio (the published security.istio.io
+//! CRD), and lets the garbage collector remove what it owns when the policy is deleted.
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use sluice::api::AuthorizationPolicy;
 use sluice_e2e::harness::{Cluster, OperatorProcess, sluice_binary, start_cluster};
+use sluice_e2e::opa::{BundleConfig, OpaServer};
 
 const NS: &str = "default";
 
@@ -162,6 +163,23 @@ fn eval_bundle(bundle: &[u8], method: &str) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// Waits until the OPA instance reports `revision` active through its status API.
+async fn opa_active(http: &reqwest::Client, opa: &OpaServer, revision: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        let status = opa.bundle_status(http).await.expect("OPA status API");
+        if status.active_revision.as_deref() == Some(revision) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "OPA never activated {revision}: {status:?}\n{}",
+            opa.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,6 +350,23 @@ async fn policy_is_compiled_tested_served_long_polled_and_kept_when_broken() {
         ("AuthorizationPolicy", Some(true))
     );
 
+    // A real OPA (`opa run`, plain bundles, long polling) loads the served revision and reports it.
+    let opa = OpaServer::start(&BundleConfig {
+        server: env.operator.bundle_url.clone(),
+        resource: format!("bundles/{NS}/shop-authz"),
+        long_poll_secs: 30,
+        verification: None,
+    })
+    .expect("opa starts");
+    opa_active(&env.http, &opa, &revision_1).await;
+    let allowed = |method: &str| json!({"attributes": {"request": {"http": {"method": method}}}});
+    assert_eq!(
+        opa.decide(&env.http, "envoy/authz/allow", &allowed("HEAD"))
+            .await
+            .expect("OPA decides"),
+        Some(json!(false))
+    );
+
     // 3. A long-polling client learns about a new revision as soon as it is published.
     let poll = tokio::spawn({
         let http = env.http.clone();
@@ -391,6 +426,16 @@ async fn policy_is_compiled_tested_served_long_polled_and_kept_when_broken() {
         })
         .await;
     let revision_2 = second.status.unwrap().revision.unwrap();
+    let opa_delay = opa_active(&env.http, &opa, &revision_2).await;
+    println!(
+        "the real OPA activated the new revision {opa_delay:?} after the operator reported it"
+    );
+    assert_eq!(
+        opa.decide(&env.http, "envoy/authz/allow", &allowed("HEAD"))
+            .await
+            .expect("OPA decides"),
+        Some(json!(true))
+    );
 
     // 4. A broken module is refused with file:line; the previous revision keeps serving.
     env.apply(policy("package envoy.authz\n\nallow if {\n  input.x ==\n"))
