@@ -58,6 +58,8 @@ pub struct BundleConfig {
     pub long_poll_secs: u64,
     /// `(keyid, algorithm, key)` to verify signed bundles with (`keys` + `bundles.*.signing.keyid`).
     pub verification: Option<(String, String, String)>,
+    /// Base URL OPA's status plugin also POSTs its reports to (`<url>/status`), as it does on every activation.
+    pub status_receiver: Option<String>,
 }
 
 impl BundleConfig {
@@ -78,6 +80,10 @@ impl BundleConfig {
             "services": {"sluice": {"url": self.server}},
             "status": {"prometheus": true},
         });
+        if let Some(url) = &self.status_receiver {
+            config["services"]["status"] = json!({"url": url});
+            config["status"] = json!({"service": "status", "prometheus": true});
+        }
         if let Some((keyid, algorithm, key)) = &self.verification {
             bundle["signing"] = json!({"keyid": keyid});
             config["keys"] = json!({keyid: {"algorithm": algorithm, "key": key}});

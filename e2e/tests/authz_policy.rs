@@ -356,6 +356,7 @@ async fn policy_is_compiled_tested_served_long_polled_and_kept_when_broken() {
         resource: format!("bundles/{NS}/shop-authz"),
         long_poll_secs: 30,
         verification: None,
+        status_receiver: None,
     })
     .expect("opa starts");
     opa_active(&env.http, &opa, &revision_1).await;

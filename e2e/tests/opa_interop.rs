@@ -672,6 +672,7 @@ async fn opa_long_polls_signed_bundles_from_the_operator_and_reports_the_revisio
                 std::fs::read_to_string(repo_root().join(pem)).expect("key"),
             )
         }),
+        status_receiver: None,
     };
     let verifying = OpaServer::start(&bundle(Some((key_id, RSA_PUBLIC)))).expect("opa starts");
     let wrong_key =
