@@ -227,16 +227,21 @@ pub fn sluice_binary() -> std::io::Result<PathBuf> {
                 parent
             };
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args([
-                    "build",
-                    "--quiet",
-                    "-p",
-                    "sluice",
-                    "-p",
-                    "sluice-authz",
-                    "--bins",
-                ])
+            let mut build = Command::new(cargo);
+            build.args([
+                "build",
+                "--quiet",
+                "-p",
+                "sluice",
+                "-p",
+                "sluice-authz",
+                "--bins",
+            ]);
+            // Benchmarks run from target/release and measure release binaries.
+            if profile_dir.ends_with("release") {
+                build.arg("--release");
+            }
+            let status = build
                 .current_dir(repo_root())
                 .status()
                 .map_err(|e| format!("cannot run cargo: {e}"))?;
