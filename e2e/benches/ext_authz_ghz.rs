@@ -145,21 +145,23 @@ struct Run {
     peak_rss_mib: f64,
 }
 
-fn ghz(server: &Server, request: &Path, rps: u32, secs: u64, label: &str) -> Run {
-    let (proto, imports) = proto_dirs();
+/// What ghz needs besides the server: the request and the protos (located once).
+struct Load {
+    request: PathBuf,
+    proto: PathBuf,
+    import_paths: String,
+}
+
+fn ghz(server: &Server, load: &Load, rps: u32, secs: u64, label: &str) -> Run {
+    let request = &load.request;
     let out = request.with_file_name(format!("ghz-{rps}.json"));
-    let import_paths = imports
-        .iter()
-        .map(|p| p.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(",");
     let (cpu_before, _, _) = server.usage();
     let mut cmd = Command::new("taskset");
     cmd.args(["-c", "0"])
         .arg(ghz_binary().expect("ghz builds"))
         .args(["--insecure", "--cpus", "1", "--proto"])
-        .arg(&proto)
-        .args(["--import-paths", &import_paths])
+        .arg(&load.proto)
+        .args(["--import-paths", &load.import_paths])
         .args(["--call", "envoy.service.auth.v3.Authorization.Check"])
         .arg("--data-file")
         .arg(request)
@@ -227,16 +229,26 @@ fn main() {
         json!({"attributes": input["attributes"]}).to_string(),
     )
     .expect("request written");
+    let (proto, imports) = proto_dirs();
+    let load = Load {
+        request,
+        proto,
+        import_paths: imports
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(","),
+    };
     let server = Server::start(&policy);
     let version = sluice_testcluster::Versions::pinned()
         .expect("versions")
         .ghz;
     // A short warm-up, not reported.
-    let _ = ghz(&server, &request, 500, 1, "warm-up");
+    let _ = ghz(&server, &load, 500, 1, "warm-up");
     let runs = [
-        ghz(&server, &request, 1000, secs, "1,000 checks/s"),
-        ghz(&server, &request, 5000, secs, "5,000 checks/s"),
-        ghz(&server, &request, 0, secs, "maximum (32 in flight)"),
+        ghz(&server, &load, 1000, secs, "1,000 checks/s"),
+        ghz(&server, &load, 5000, secs, "5,000 checks/s"),
+        ghz(&server, &load, 0, secs, "maximum (32 in flight)"),
     ];
     println!(
         "\nsluice-authz (1 worker thread, core 1) under ghz {version} (core 0), {secs} s per run, policy envoy-http-authz\n"

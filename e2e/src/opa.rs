@@ -196,6 +196,27 @@ impl OpaServer {
         })
     }
 
+    /// Waits (at most 30 s, then panics with the status and OPA's log) until the status API reports
+    /// `revision` active; returns how long that took.
+    pub async fn wait_active(&self, http: &reqwest::Client, revision: &str) -> Duration {
+        let started = Instant::now();
+        loop {
+            let status = self
+                .bundle_status(http)
+                .await
+                .expect("OPA status API answers");
+            if status.active_revision.as_deref() == Some(revision) {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "OPA never activated {revision}: {status:?}\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// `POST /v1/data/<path>` with `input`; `None` when the document is undefined.
     pub async fn decide(
         &self,

@@ -165,23 +165,6 @@ fn eval_bundle(bundle: &[u8], method: &str) -> String {
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
-/// Waits until the OPA instance reports `revision` active through its status API.
-async fn opa_active(http: &reqwest::Client, opa: &OpaServer, revision: &str) -> Duration {
-    let started = Instant::now();
-    loop {
-        let status = opa.bundle_status(http).await.expect("OPA status API");
-        if status.active_revision.as_deref() == Some(revision) {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "OPA never activated {revision}: {status:?}\n{}",
-            opa.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_is_compiled_tested_served_long_polled_and_kept_when_broken() {
     let mut env = start().await;
@@ -359,7 +342,7 @@ async fn policy_is_compiled_tested_served_long_polled_and_kept_when_broken() {
         status_receiver: None,
     })
     .expect("opa starts");
-    opa_active(&env.http, &opa, &revision_1).await;
+    opa.wait_active(&env.http, &revision_1).await;
     let allowed = |method: &str| json!({"attributes": {"request": {"http": {"method": method}}}});
     assert_eq!(
         opa.decide(&env.http, "envoy/authz/allow", &allowed("HEAD"))
@@ -427,7 +410,7 @@ async fn policy_is_compiled_tested_served_long_polled_and_kept_when_broken() {
         })
         .await;
     let revision_2 = second.status.unwrap().revision.unwrap();
-    let opa_delay = opa_active(&env.http, &opa, &revision_2).await;
+    let opa_delay = opa.wait_active(&env.http, &revision_2).await;
     println!(
         "the real OPA activated the new revision {opa_delay:?} after the operator reported it"
     );

@@ -577,23 +577,6 @@ fn request(method: &str) -> Value {
     json!({"attributes": {"request": {"http": {"method": method}}}})
 }
 
-/// Waits until `opa` reports `revision` active; returns how long that took.
-async fn wait_active(http: &reqwest::Client, opa: &OpaServer, revision: String) -> Duration {
-    let started = Instant::now();
-    loop {
-        let status = opa.bundle_status(http).await.expect("status API answers");
-        if status.active_revision.as_deref() == Some(revision.as_str()) {
-            return started.elapsed();
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "OPA never activated {revision}: {status:?}\n{}",
-            opa.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn decide(http: &reqwest::Client, opa: &OpaServer, method: &str) -> Option<Value> {
     opa.decide(http, "envoy/authz/allow", &request(method))
         .await
@@ -679,7 +662,7 @@ async fn opa_long_polls_signed_bundles_from_the_operator_and_reports_the_revisio
     let wrong_key =
         OpaServer::start(&bundle(Some((key_id, RSA_OTHER_PUBLIC)))).expect("opa starts");
 
-    wait_active(&http, &verifying, first.clone()).await;
+    verifying.wait_active(&http, &first).await;
     assert_eq!(decide(&http, &verifying, "GET").await, Some(json!(true)));
     assert_eq!(decide(&http, &verifying, "HEAD").await, Some(json!(false)));
 
@@ -687,7 +670,7 @@ async fn opa_long_polls_signed_bundles_from_the_operator_and_reports_the_revisio
     apply(&["GET", "HEAD"]).await;
     let applied = Instant::now();
     let second = served_revision(Some(first.clone())).await;
-    wait_active(&http, &verifying, second.clone()).await;
+    verifying.wait_active(&http, &second).await;
     let propagation = applied.elapsed();
     assert_eq!(decide(&http, &verifying, "HEAD").await, Some(json!(true)));
     assert!(
@@ -880,29 +863,25 @@ fn sluice_and_opa_decide_alike_on_adversarial_requests() {
         let input_json = serde_json::to_value(&input).expect("input as JSON");
         let input_file = dir.path().join(format!("{i}.json"));
         std::fs::write(&input_file, input_json.to_string()).expect("input written");
-        let sluice_result = engine
-            .eval_value("data.interop.result", input.clone())
-            .expect("evaluates")
-            .map(|v| serde_json::to_value(&v).expect("JSON"));
-        let opa_result = opa_eval(&policy_file, &input_file, "data.interop.result");
-        if sluice_result != opa_result {
-            disagreements.push(format!(
-                "{path}: Sluice {sluice_result:?}, OPA {opa_result:?}"
-            ));
-        }
-        let sluice_allow = example_engine
-            .eval_value("data.envoy.authz.allow", input)
-            .expect("evaluates")
-            .map(|v| serde_json::to_value(&v).expect("JSON"));
-        let opa_allow = opa_eval(
-            &policies().join("envoy-http-authz"),
-            &input_file,
-            "data.envoy.authz.allow",
-        );
-        if sluice_allow != opa_allow {
-            disagreements.push(format!(
-                "{path} (envoy-http-authz): Sluice {sluice_allow:?}, OPA {opa_allow:?}"
-            ));
+        let example_dir = policies().join("envoy-http-authz");
+        for (compiled, policy, query) in [
+            (&mut engine, policy_file.as_path(), "data.interop.result"),
+            (
+                &mut example_engine,
+                example_dir.as_path(),
+                "data.envoy.authz.allow",
+            ),
+        ] {
+            let from_sluice = compiled
+                .eval_value(query, input.clone())
+                .expect("evaluates")
+                .map(|v| serde_json::to_value(&v).expect("JSON"));
+            let from_opa = opa_eval(policy, &input_file, query);
+            if from_sluice != from_opa {
+                disagreements.push(format!(
+                    "{path} {query}: Sluice {from_sluice:?}, OPA {from_opa:?}"
+                ));
+            }
         }
     }
     assert!(
