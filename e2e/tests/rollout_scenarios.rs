@@ -139,7 +139,7 @@ impl Scenario {
         )
         .await;
         scenario
-            .wait_for_phase(RolloutPhase::Initialized, Duration::from_secs(20))
+            .wait_for_phase(RolloutPhase::Initialized, Duration::from_secs(60))
             .await;
         scenario
     }

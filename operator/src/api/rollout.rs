@@ -116,7 +116,7 @@ fn default_apps_v1() -> String {
     "apps/v1".to_owned()
 }
 
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TargetKind {
     Deployment,
     /// A StatefulSet: its primary is a clone with its own volumes (see docs/rollouts.md#statefulsets).

@@ -3,6 +3,7 @@
 //! only what differs, with one field manager.
 
 pub mod authz;
+pub mod cache;
 pub mod gate;
 pub mod outbox;
 pub mod webhook;
@@ -12,7 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
@@ -97,6 +97,8 @@ const MESH_READY: &str = "MeshReady";
 /// Shared state of the reconcilers.
 pub struct Context {
     pub client: Client,
+    /// What reconciles read instead of the API server.
+    pub caches: Arc<cache::Caches>,
     pub prometheus: Prometheus,
     pub recorder: Recorder,
     pub telemetry: Arc<Telemetry>,
@@ -200,14 +202,14 @@ pub async fn run(
     templates_use_operator_identity: bool,
 ) {
     let rollouts: Api<Rollout> = Api::all(client.clone());
-    let deployments: Api<Deployment> = Api::all(client.clone());
-    let statefulsets: Api<StatefulSet> = Api::all(client.clone());
     let reporter = Reporter {
         controller: "sluice".into(),
         instance: std::env::var("POD_NAME").ok(),
     };
+    let (caches, woken) = cache::Caches::start(client.clone());
     let context = Arc::new(Context {
         client: client.clone(),
+        caches: caches.clone(),
         prometheus,
         recorder: Recorder::new(client, reporter),
         telemetry: telemetry.clone(),
@@ -219,23 +221,26 @@ pub async fn run(
         templates_use_operator_identity,
         template_servers: Default::default(),
     });
-    let controller = watched_controller(rollouts, telemetry.clone(), READY_COMPONENT);
-    let store = controller.store();
-    let statefulset_store = store.clone();
-    controller
-        // A change of the target or the primary wakes the Rollout that points at it.
-        .watches(
-            deployments,
-            watcher::Config::default(),
-            move |deployment: Deployment| rollouts_of(&store, TargetKind::Deployment, &deployment),
-        )
-        .watches(
-            statefulsets,
-            watcher::Config::default(),
-            move |statefulset: StatefulSet| {
-                rollouts_of(&statefulset_store, TargetKind::StatefulSet, &statefulset)
-            },
-        )
+    // The Rollouts' own watch feeds the controller, and the index that maps a changed workload, Service,
+    // route or Namespace (the caches' watches) to the Rollouts it wakes.
+    let (reader, writer) = kube::runtime::reflector::store();
+    let ready = telemetry.clone();
+    let stream = watcher::watcher(rollouts, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(|r: &mut Rollout| cache::slim_meta(&mut r.metadata))
+        .reflect(writer)
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                caches.index_rollout_event(event);
+                if matches!(event, watcher::Event::InitDone) {
+                    ready.set_ready(READY_COMPONENT);
+                }
+            }
+        })
+        .applied_objects();
+    Controller::for_stream(stream, reader)
+        // A change of anything a Rollout reads wakes it; nothing else does (see `rollout::plan`'s requeue).
+        .reconcile_on(woken)
         .shutdown_on_signal()
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
@@ -246,38 +251,36 @@ pub async fn run(
         .await;
 }
 
-/// The Rollouts whose target (or primary) is `workload`.
-fn rollouts_of<K: Resource>(
-    store: &kube::runtime::reflector::Store<Rollout>,
-    kind: TargetKind,
-    workload: &K,
-) -> Vec<ObjectRef<Rollout>> {
-    let namespace = workload.meta().namespace.clone().unwrap_or_default();
-    let name = workload.meta().name.clone().unwrap_or_default();
-    let target = name.strip_suffix("-primary").unwrap_or(&name);
-    store
-        .state()
-        .into_iter()
-        .filter(|r| r.namespace().as_deref() == Some(namespace.as_str()))
-        .filter(|r| r.spec.target_ref.kind == kind)
-        .filter(|r| r.spec.target_ref.name == target || r.spec.target_ref.name == name)
-        .map(|r| ObjectRef::from_obj(&*r))
-        .collect()
-}
-
-/// The Api of the Rollout's target kind, and the target and primary as JSON.
+/// The Api of the Rollout's target kind, and the target and primary as the API server has them: for cleanup
+/// and for writes that copy the target's template (which the cache does not keep).
 async fn workloads(
     rollout: &Rollout,
     names: &Names,
     ctx: &Context,
 ) -> Result<(Api<DynamicObject>, Option<Value>, Option<Value>), Error> {
-    let resource = workload::api_resource(rollout.spec.target_ref.kind);
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(ctx.client.clone(), &names.namespace, &resource);
+    let api = workload_api(rollout, names, ctx);
     let as_json = |o: Option<DynamicObject>| o.and_then(|o| serde_json::to_value(o).ok());
     let target = as_json(api.get_opt(&names.target).await?);
     let primary = as_json(api.get_opt(&names.primary).await?);
     Ok((api, target, primary))
+}
+
+fn workload_api(rollout: &Rollout, names: &Names, ctx: &Context) -> Api<DynamicObject> {
+    let resource = workload::api_resource(rollout.spec.target_ref.kind);
+    Api::namespaced_with(ctx.client.clone(), &names.namespace, &resource)
+}
+
+/// The target and primary from the watch cache (slimmed: no pod template, see [`cache::slim_workload`]).
+fn cached_workloads(
+    rollout: &Rollout,
+    names: &Names,
+    ctx: &Context,
+) -> (Option<Value>, Option<Value>) {
+    let kind = rollout.spec.target_ref.kind;
+    (
+        ctx.caches.workload(kind, &names.namespace, &names.target),
+        ctx.caches.workload(kind, &names.namespace, &names.primary),
+    )
 }
 
 /// Backoff after the n-th consecutive failure: 1s, 2s, 4s … capped at 60s.
@@ -356,6 +359,12 @@ async fn reconcile(rollout: Arc<Rollout>, ctx: Arc<Context>) -> Result<Action, E
     result
 }
 
+/// How long a reconcile waits for the caches' first lists.
+const CACHE_WAIT: Duration = Duration::from_millis(500);
+/// When a Rollout whose cached copy lags behind Sluice's own write is looked at again, should its watch event
+/// not come first.
+const STALE_RECHECK: Duration = Duration::from_secs(5);
+
 fn owner(rollout: &Rollout) -> Option<OwnerReference> {
     rollout.controller_owner_ref(&())
 }
@@ -366,16 +375,19 @@ fn patch_params() -> PatchParams {
 
 /// Observes, plans, converges. Writes nothing when nothing changed.
 async fn apply(cached: &Rollout, ctx: &Context) -> Result<Action, Error> {
-    // Plan from the API server's copy, not the cache: a cache that lags behind our own last status write would
-    // plan from the past (and act on it: routes, scaling, webhooks) before the write's precondition caught it.
-    let api: Api<Rollout> =
-        Api::namespaced(ctx.client.clone(), &cached.namespace().unwrap_or_default());
-    let Some(fresh) = api.get_opt(&cached.name_any()).await? else {
-        return Ok(Action::await_change());
-    };
-    let rollout = &fresh;
+    if !ctx.caches.synced() {
+        return Ok(Action::requeue(CACHE_WAIT));
+    }
+    // A cached copy that lags behind Sluice's own last write would plan from the past (and act on it: routes,
+    // scaling, webhooks) before the write's precondition caught it. The watch delivers that write soon and
+    // wakes the Rollout again; the requeue is only a safety net.
+    if ctx.caches.is_stale(cached) {
+        return Ok(Action::requeue(STALE_RECHECK));
+    }
+    let rollout = cached;
     let names = Names::of(rollout);
-    let (workload_api, target, primary) = workloads(rollout, &names, ctx).await?;
+    let workload_api = workload_api(rollout, &names, ctx);
+    let (target, primary) = cached_workloads(rollout, &names, ctx);
     let status = rollout.status.clone().unwrap_or_default();
     let kind = rollout.spec.target_ref.kind.name();
 
@@ -422,7 +434,7 @@ async fn apply(cached: &Rollout, ctx: &Context) -> Result<Action, Error> {
 
     let (promote_requested, command, paused_by_user) = manual_control(rollout.annotations());
     let mut observed = Observed {
-        target_revision: target.as_ref().and_then(workload::template_revision),
+        target_revision: target.as_ref().and_then(workload::revision_of),
         primary_revision: primary.as_ref().and_then(workload::primary_revision),
         canary_ready: target.as_ref().is_some_and(workload::is_ready),
         primary_ready: primary.as_ref().is_some_and(workload::is_ready),
@@ -558,21 +570,8 @@ async fn apply(cached: &Rollout, ctx: &Context) -> Result<Action, Error> {
     if let Some(delivered) =
         deliver_outbox(rollout, ctx, &alerts, &next_status, jiff::Timestamp::now()).await
     {
-        next_status = match write_status(rollout, ctx, &delivered, version).await {
-            // Someone changed the Rollout during the delivery (an annotation, say): record what was delivered
-            // on the newer status, or the next round would send it again.
-            Err(err) if is_conflict(&err) => {
-                let newer = api.get(&rollout.name_any()).await?;
-                let mut merged = newer.status.clone().unwrap_or_default();
-                outbox::merge_delivery(&mut merged, &next_status, &delivered);
-                write_status(rollout, ctx, &merged, newer.resource_version()).await?;
-                merged
-            }
-            written => {
-                written?;
-                delivered
-            }
-        };
+        (next_status, version) =
+            record_delivery(rollout, ctx, &next_status, delivered, version).await?;
     }
     // One-shot commands are used once: a promote must not also skip the next pause or stage.
     if plan.command_used {
@@ -588,6 +587,7 @@ async fn apply(cached: &Rollout, ctx: &Context) -> Result<Action, Error> {
             &Patch::Merge(patch),
         )
         .await?;
+        ctx.caches.wrote_over(rollout, version);
     }
     webhook::notify(http, rollout, &next_status, &plan.transitions);
     for transition in &plan.transitions {
@@ -1228,23 +1228,40 @@ async fn converge(
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &names.namespace);
 
     // 1. The primary: created from the target, and rewritten from it when promoting.
-    let target_revision = workload::template_revision(target);
-    let primary_revision = primary.and_then(workload::primary_revision);
-    if primary.is_none() || (desired.primary_from_target && primary_revision != target_revision) {
-        let replicas = primary
-            .map(workload::replicas)
-            .unwrap_or_else(|| workload::replicas(target).max(1));
-        let object = workload::primary_workload(
-            names,
-            rollout.spec.target_ref.kind,
-            target,
-            primary,
-            replicas,
-            &owner,
-        );
-        deployments
-            .patch(&names.primary, &patch_params(), &Patch::Apply(object))
-            .await?;
+    let primary_due = |target: &Value, primary: Option<&Value>| {
+        primary.is_none()
+            || (desired.primary_from_target
+                && primary.and_then(workload::primary_revision) != workload::revision_of(target))
+    };
+    if primary_due(target, primary) {
+        // The primary is copied from the target's template, which the cache does not keep: read both.
+        let fresh_target = deployments
+            .get_opt(&names.target)
+            .await?
+            .and_then(|o| serde_json::to_value(o).ok());
+        let fresh_primary = deployments
+            .get_opt(&names.primary)
+            .await?
+            .and_then(|o| serde_json::to_value(o).ok());
+        if let Some(fresh_target) = fresh_target
+            && primary_due(&fresh_target, fresh_primary.as_ref())
+        {
+            let replicas = fresh_primary
+                .as_ref()
+                .map(workload::replicas)
+                .unwrap_or_else(|| workload::replicas(&fresh_target).max(1));
+            let object = workload::primary_workload(
+                names,
+                rollout.spec.target_ref.kind,
+                &fresh_target,
+                fresh_primary.as_ref(),
+                replicas,
+                &owner,
+            );
+            deployments
+                .patch(&names.primary, &patch_params(), &Patch::Apply(object))
+                .await?;
+        }
     }
     let primary_replicas = primary
         .map(workload::replicas)
@@ -1264,9 +1281,10 @@ async fn converge(
     ];
     for (name, selector, service_owner) in wanted {
         let object = workload::service(rollout, names, &name, &selector, service_owner);
-        let live = services.get_opt(&name).await?;
+        // Applying an unchanged Service is harmless, so a lagging cache costs at most a no-op write.
+        let live = ctx.caches.service(&names.namespace, &name);
         if !live
-            .as_ref()
+            .as_deref()
             .is_some_and(|l| workload::service_matches(l, &object))
         {
             services
@@ -1298,12 +1316,31 @@ async fn converge(
             .api_resource()
             .kind;
     let missing = |err| route_error(err, rollout.spec.provider, ambient);
+    let observed = |route: Option<Value>| {
+        route
+            .as_ref()
+            .and_then(|v| router.observed_split(v, &route_target))
+    };
     // A route that does not exist reads as `None`; a 404 left over means the resource itself is not served.
-    let live_route = routes.get_opt(&names.service).await.map_err(missing)?;
-    let live_split = live_route
-        .as_ref()
-        .and_then(|r| serde_json::to_value(r).ok())
-        .and_then(|v| router.observed_split(&v, &route_target));
+    let fresh_route = async || -> Result<Option<Value>, Error> {
+        Ok(routes
+            .get_opt(&names.service)
+            .await
+            .map_err(missing)?
+            .and_then(|r| serde_json::to_value(r).ok()))
+    };
+    let cached = ctx
+        .caches
+        .route(&resource, &names.namespace, &names.service);
+    let mut live_split = match cached {
+        Some(ref cached) => observed(cached.clone()),
+        None => observed(fresh_route().await?),
+    };
+    // The cache may lag behind Sluice's own last change of the route; a change (which also marks a Consul
+    // splitter unsynced) is made only if the API server's copy still differs.
+    if cached.is_some() && live_split != Some(split) {
+        live_split = observed(fresh_route().await?);
+    }
     if live_split != Some(split) {
         let object = router.desired(&route_target, split);
         routes
@@ -1391,10 +1428,18 @@ async fn route_synced(
     if !router.waits_for_sync() {
         return Ok(true);
     }
+    let resource = router.api_resource();
+    // The cache sees the mesh's status change as soon as the API server does, and the change wakes the Rollout.
+    if let Some(cached) = ctx
+        .caches
+        .route(&resource, &names.namespace, &names.service)
+    {
+        return Ok(cached.is_some_and(|v| router.synced(&v)));
+    }
     let routes: Api<DynamicObject> =
-        Api::namespaced_with(ctx.client.clone(), &names.namespace, &router.api_resource());
+        Api::namespaced_with(ctx.client.clone(), &names.namespace, &resource);
     let live = routes.get_opt(&names.service).await.map_err(|err| {
-        let ambient = router.api_resource().kind
+        let ambient = resource.kind
             != router_for_mode(rollout.spec.provider, false)
                 .api_resource()
                 .kind;
@@ -1424,13 +1469,38 @@ async fn write_status(
     let api: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut patch =
         json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "Rollout", "status": status});
-    if let Some(version) = version {
+    if let Some(version) = &version {
         patch["metadata"] = json!({"resourceVersion": version});
     }
     let written = api
         .patch_status(&rollout.name_any(), &patch_params(), &Patch::Apply(patch))
         .await?;
+    ctx.caches.wrote_over(rollout, version);
     Ok(written.resource_version())
+}
+
+/// Records what the outbox delivered, on the status written at `version`; returns the status and its new
+/// version. Someone may have changed the Rollout during the delivery (an annotation, say): then the delivery is
+/// merged into the newer status, or the next round would send it again.
+async fn record_delivery(
+    rollout: &Rollout,
+    ctx: &Context,
+    planned: &RolloutStatus,
+    delivered: RolloutStatus,
+    version: Option<String>,
+) -> Result<(RolloutStatus, Option<String>), Error> {
+    match write_status(rollout, ctx, &delivered, version).await {
+        Err(err) if is_conflict(&err) => {
+            let api: Api<Rollout> =
+                Api::namespaced(ctx.client.clone(), &rollout.namespace().unwrap_or_default());
+            let newer = api.get(&rollout.name_any()).await?;
+            let mut merged = newer.status.clone().unwrap_or_default();
+            outbox::merge_delivery(&mut merged, planned, &delivered);
+            let version = write_status(rollout, ctx, &merged, newer.resource_version()).await?;
+            Ok((merged, version))
+        }
+        written => Ok((delivered, written?)),
+    }
 }
 
 /// Reports a spec Sluice cannot act on, and backs off instead of looping.
@@ -1490,8 +1560,7 @@ async fn invalid_spec(
     if let Some(delivered) =
         deliver_outbox(rollout, ctx, &alerts, &next, jiff::Timestamp::now()).await
     {
-        write_status(rollout, ctx, &delivered, version).await?;
-        next = delivered;
+        (next, _) = record_delivery(rollout, ctx, &next, delivered, version).await?;
     }
     let retry =
         outbox::next_due(&next, jiff::Timestamp::now()).map_or(Duration::from_secs(300), |due| {
@@ -1555,16 +1624,10 @@ async fn waypoint_label(
     ) {
         return Ok(None);
     }
-    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(ctx.client.clone());
-    let namespace_labels = namespaces
-        .get_opt(&names.namespace)
-        .await?
-        .map(|n| n.labels().clone())
-        .unwrap_or_default();
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &names.namespace);
-    let service_labels = services
-        .get_opt(&names.service)
-        .await?
+    let namespace_labels = ctx.caches.namespace_labels(&names.namespace);
+    let service_labels = ctx
+        .caches
+        .service(&names.namespace, &names.service)
         .map(|s| s.labels().clone())
         .unwrap_or_default();
     Ok(crate::traffic::waypoint_of(
@@ -1660,6 +1723,7 @@ async fn cleanup(rollout: &Rollout, ctx: &Context) -> Result<Action, Error> {
         .collect();
     ctx.telemetry
         .forget_rollout(&names.namespace, &rollout.name_any(), &metrics);
+    ctx.caches.forget(rollout);
     tracing::info!(rollout = %rollout.name_any(), namespace = %names.namespace, "cleaned up; traffic is back on the target");
     Ok(Action::await_change())
 }

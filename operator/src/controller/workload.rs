@@ -72,6 +72,19 @@ pub fn template_revision(workload: &Value) -> Option<String> {
     Some(format!("{:010x}", fnv1a(&json) & 0xff_ffff_ffff))
 }
 
+/// The target's template revision, from the whole object or, on a copy from the watch cache (which keeps
+/// no template), from the revision the cache computed when it stored it.
+pub fn revision_of(workload: &Value) -> Option<String> {
+    if workload.pointer("/spec/template").is_some() {
+        return template_revision(workload);
+    }
+    workload
+        .pointer("/metadata/annotations")?
+        .get(super::cache::CACHED_REVISION)?
+        .as_str()
+        .map(str::to_owned)
+}
+
 /// The revision the primary runs, as recorded when Sluice wrote it.
 pub fn primary_revision(primary: &Value) -> Option<String> {
     primary

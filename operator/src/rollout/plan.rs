@@ -154,6 +154,11 @@ pub struct PlanInput<'a> {
 /// How long to wait for readiness before looking again (watch events usually come first).
 const READINESS_POLL: Duration = Duration::from_secs(5);
 
+/// When a Rollout with nothing time-bound pending (settled, suspended, or its target missing) is looked at
+/// again if no watch event wakes it first: a safety net against a missed event, not a poll. Its reconcile
+/// reads only watch caches, so it costs the API server nothing.
+pub const IDLE_RESYNC: Duration = Duration::from_secs(15 * 60);
+
 /// Status times are stored with second precision, so they are rounded *up*: a stage stored as started at
 /// 12:00:01 really started no later, and intervals measured from it are never cut short.
 fn stamp(now: Timestamp) -> Time {
@@ -166,7 +171,7 @@ fn stamp(now: Timestamp) -> Time {
     Time(Timestamp::from_second(ceil).unwrap_or(now))
 }
 
-fn interval(spec: &RolloutSpec) -> Duration {
+pub(crate) fn interval(spec: &RolloutSpec) -> Duration {
     spec.analysis
         .interval
         .to_std()
@@ -365,7 +370,7 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
             status: next,
             desired: None,
             transitions,
-            requeue_after,
+            requeue_after: IDLE_RESYNC,
             command_used: false,
         };
     }
@@ -378,7 +383,8 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
             now,
             None,
             transitions,
-            READINESS_POLL,
+            // The target's creation is a watch event.
+            IDLE_RESYNC,
         );
     };
 
@@ -550,6 +556,8 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
                 status.last_promoted_revision.as_deref() == Some(target_revision.as_str());
             let already_tried = status.revision.as_deref() == Some(target_revision.as_str());
             if promoted || already_tried {
+                // Settled: only a change (of the target, the Rollout, what it routes) starts anything.
+                requeue_after = IDLE_RESYNC;
                 steady(&mut next)
             } else if let Some((hook, why)) = &observed.hooks.rollout_unconfirmed {
                 let message = format!(

@@ -631,6 +631,52 @@ fn suspend_touches_nothing_and_skip_analysis_promotes_at_once() {
 }
 
 #[test]
+fn a_settled_rollout_waits_for_a_change_and_a_release_for_its_interval() {
+    let mut world = initialized(canary_spec());
+    let settled = world.tick(Duration::from_secs(1));
+    assert_eq!(settled.requeue_after, IDLE_RESYNC);
+
+    world.new_revision("r2");
+    world.run(12);
+    assert_eq!(world.phase(), Some(RolloutPhase::Progressing));
+    let releasing = world.tick(Duration::from_secs(1));
+    assert!(
+        releasing.requeue_after <= Duration::from_secs(5),
+        "{:?}",
+        releasing.requeue_after
+    );
+
+    world.health = Health::Bad;
+    world.run(30);
+    assert_eq!(world.phase(), Some(RolloutPhase::Failed));
+    assert_eq!(
+        world.tick(Duration::from_secs(1)).requeue_after,
+        IDLE_RESYNC
+    );
+
+    // A revision waiting for its confirm-rollout hook asks again each interval.
+    world.hooks.rollout_unconfirmed = Some(("gate".into(), "not yet".into()));
+    world.new_revision("r3");
+    let waiting = world.tick(Duration::from_secs(1));
+    assert_eq!(waiting.requeue_after, Duration::from_secs(5));
+
+    // Suspended, or without a target: only a change can start anything.
+    let mut suspended = canary_spec();
+    suspended.suspend = true;
+    world.spec = suspended;
+    assert_eq!(
+        world.tick(Duration::from_secs(1)).requeue_after,
+        IDLE_RESYNC
+    );
+    world.spec = canary_spec();
+    world.observed.target_revision = None;
+    assert_eq!(
+        world.tick(Duration::from_secs(1)).requeue_after,
+        IDLE_RESYNC
+    );
+}
+
+#[test]
 fn a_steady_rollout_plans_the_same_status_again() {
     let mut world = initialized(canary_spec());
     let before = world.status.clone();
@@ -800,6 +846,16 @@ proptest! {
                     prop_assert!(!plan.transitions.iter().any(|t| t.reason == "WeightChanged" || t.reason == "Promoting"),
                         "advanced on a check that was not a pass");
                 }
+            // The planner waits for a watch event (a long resync only) exactly when nothing is time-bound; during
+            // a release it looks again within an interval.
+            let in_release = matches!(plan.status.phase, Some(RolloutPhase::Initializing | RolloutPhase::Progressing | RolloutPhase::Paused | RolloutPhase::Promoting));
+            if in_release {
+                prop_assert!(plan.requeue_after <= super::plan::interval(&spec).max(Duration::from_secs(5)), "{:?} waits {:?}", plan.status.phase, plan.requeue_after);
+            }
+            if plan.requeue_after == IDLE_RESYNC {
+                prop_assert!(!in_release, "idle in {:?}", plan.status.phase);
+                prop_assert!(plan.desired.is_none_or(|d| !d.canary_up && d.canary_weight == Weight::ZERO));
+            }
             if plan.transitions.iter().any(|t| t.reason == "RolledBack") {
                 prop_assert_eq!(plan.desired, Some(Desired { primary_from_target: false, canary_up: false, canary_weight: Weight::ZERO, experiment: false }));
                 prop_assert_eq!(plan.status.phase, Some(RolloutPhase::Failed));
