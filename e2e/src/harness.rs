@@ -312,6 +312,10 @@ impl OperatorProcess {
         })
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL, like a node dying: no cleanup runs.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -366,12 +370,20 @@ const UNPUBLISHED_MESH_CRDS: &str = "e2e/fixtures/mesh-crds-unpublished.yaml";
 /// Starts a control plane on free loopback ports (its own etcd, API server, controllers and kwok
 /// node), installs Sluice and the mesh CRDs, and waits until every CRD is established.
 pub async fn start_cluster() -> Result<Cluster, BoxError> {
+    start_cluster_with(|_| {}).await
+}
+
+/// [`start_cluster`] with options changed by `configure` (more nodes, an audit log).
+pub async fn start_cluster_with(
+    configure: impl FnOnce(&mut sluice_testcluster::ClusterOptions),
+) -> Result<Cluster, BoxError> {
     let tools = control_plane_tools()?;
     let dir = tempfile::tempdir()?;
     let kubeconfig = dir.path().join("admin.kubeconfig");
     let mut options = sluice_testcluster::ClusterOptions::new(tools);
     options.state_dir = Some(dir.path().join("cluster"));
     options.kubeconfig = Some(kubeconfig.clone());
+    configure(&mut options);
     let control_plane = sluice_testcluster::Cluster::start(options).await?;
     let kubectl = Kubectl::with_kubeconfig(dir.path(), &kubeconfig);
     install(&kubectl)?;

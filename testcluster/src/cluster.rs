@@ -51,6 +51,10 @@ pub struct ClusterOptions {
     /// Stop every component when the thread that started the cluster ends (Linux `PR_SET_PDEATHSIG`), so a
     /// test process that is killed leaves nothing behind. Off for `cargo xtask cluster up`, which detaches.
     pub stop_with_parent: bool,
+    /// Users whose requests the API server records in its audit log (`<state_dir>/audit.log`, JSON lines at
+    /// level Metadata, one line per completed request): the scale benchmark counts requests by verb from it.
+    /// Empty: no audit log.
+    pub audit_users: Vec<String>,
 }
 
 impl ClusterOptions {
@@ -63,6 +67,7 @@ impl ClusterOptions {
             ready_timeout: Duration::from_secs(120),
             state_file: None,
             stop_with_parent: true,
+            audit_users: Vec::new(),
         }
     }
 }
@@ -388,10 +393,28 @@ impl Cluster {
 
         // kube-apiserver
         let sa_key = p(&pki.service_account_key);
+        let mut audit = Vec::new();
+        if !opts.audit_users.is_empty() {
+            let policy = dir.join("audit-policy.yaml");
+            let users = serde_json::to_string(&opts.audit_users)
+                .map_err(|e| Error::Api(format!("audit users: {e}")))?;
+            let text = format!(
+                "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived, ResponseStarted]\n\
+                 rules:\n  - level: Metadata\n    users: {users}\n  - level: None\n"
+            );
+            std::fs::write(&policy, text).map_err(|e| Error::io(&policy, e))?;
+            audit = vec![
+                format!("--audit-policy-file={}", p(&policy)),
+                format!("--audit-log-path={}", p(&dir.join("audit.log"))),
+                "--audit-log-format=json".into(),
+                "--audit-log-mode=batch".into(),
+                "--audit-log-maxsize=0".into(),
+            ];
+        }
         cluster.spawn(
             "kube-apiserver",
             &tools.kube_apiserver,
-            vec![
+            audit.into_iter().chain([
                 format!("--etcd-servers={etcd_client}"),
                 "--bind-address=127.0.0.1".into(),
                 format!("--secure-port={}", ports.apiserver),
@@ -416,7 +439,7 @@ impl Cluster {
                 "--authorization-mode=Node,RBAC".into(),
                 "--allow-privileged=true".into(),
                 "--profiling=false".into(),
-            ],
+            ]).collect(),
         )?;
         let client = cluster.client.clone();
         cluster
@@ -591,6 +614,11 @@ impl Cluster {
     /// The cluster's state (ports, paths, pids).
     pub fn state(&self) -> &ClusterState {
         &self.state
+    }
+
+    /// The API server's audit log (written only when [`ClusterOptions::audit_users`] is set).
+    pub fn audit_log(&self) -> PathBuf {
+        self.state.dir.join("audit.log")
     }
 
     /// The admin kubeconfig (user `sluice-admin` in `system:masters`).

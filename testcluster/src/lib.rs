@@ -35,7 +35,7 @@ pub use cluster::{
 };
 pub use crds::mesh_crd_files;
 pub use kwok::SLUICE_STAGES;
-pub use tools::{PolicyTools, Progress, Tools, cache_root, modules_dir};
+pub use tools::{PolicyTools, Progress, RivalTools, Tools, cache_root, modules_dir};
 pub use versions::{VERSIONS_ENV, Versions};
 
 /// Everything that can go wrong building, starting or stopping the cluster.

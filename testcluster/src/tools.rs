@@ -251,6 +251,61 @@ impl PolicyTools {
     }
 }
 
+/// The rival the scale benchmark runs beside Sluice: Flagger, built from `tools/go/flagger` into
+/// `flagger-<v>/bin/flagger`, with its CRDs (`artifacts/flagger/crd.yaml` of the same module) beside it.
+#[derive(Debug, Clone)]
+pub struct RivalTools {
+    pub versions: Versions,
+    pub flagger: PathBuf,
+    /// Flagger's CustomResourceDefinitions (Canary, MetricTemplate, AlertProvider).
+    pub flagger_crds: PathBuf,
+}
+
+const FLAGGER: Binary = Binary {
+    module: "flagger",
+    name: "flagger",
+    package: "github.com/fluxcd/flagger/cmd/flagger",
+};
+
+impl RivalTools {
+    pub fn locate() -> Result<Self, Error> {
+        let versions = Versions::pinned()?;
+        let dir = cache_root().join(format!("flagger-{}", versions.flagger));
+        Ok(RivalTools {
+            flagger: dir.join("bin").join("flagger"),
+            flagger_crds: dir.join("crd.yaml"),
+            versions,
+        })
+    }
+
+    /// Flagger and its CRDs, building them first if missing (about 75 s on 2 cores; then cached by version).
+    pub fn ensure(progress: Progress<'_>) -> Result<Self, Error> {
+        let tools = Self::locate()?;
+        let wanted = [(
+            &FLAGGER,
+            tools.versions.flagger.as_str(),
+            tools.flagger.clone(),
+        )];
+        let what = format!("Flagger {}", tools.versions.flagger);
+        build_missing(&tools.versions, &what, &wanted, progress)?;
+        if !tools.flagger_crds.is_file() {
+            let go = GoEnv::detect()?;
+            let dir = go.output(
+                &modules_dir().join("flagger"),
+                &["list", "-m", "-f", "{{.Dir}}", "github.com/fluxcd/flagger"],
+            )?;
+            let from = PathBuf::from(dir.trim())
+                .join("artifacts")
+                .join("flagger")
+                .join("crd.yaml");
+            let tmp = tools.flagger_crds.with_extension("yaml.tmp");
+            fs::copy(&from, &tmp).map_err(|e| Error::io(&from, e))?;
+            fs::rename(&tmp, &tools.flagger_crds).map_err(|e| Error::io(&tools.flagger_crds, e))?;
+        }
+        Ok(tools)
+    }
+}
+
 /// Builds each `(binary, version, output path)` whose output is missing. Returns the Go environment when
 /// anything had to be built.
 fn build_missing(

@@ -19,6 +19,8 @@ pub struct Versions {
     pub opa: String,
     /// `github.com/bojand/ghz` release, e.g. `v0.121.0` (ext_authz benchmarks).
     pub ghz: String,
+    /// `github.com/fluxcd/flagger` release, e.g. `v1.36.1` (the scale benchmark's rival).
+    pub flagger: String,
     /// The oldest Go that builds them (the highest `go` line of the modules), e.g. `1.26.0`.
     pub go_min: String,
 }
@@ -40,6 +42,7 @@ impl Versions {
             kwok: get("KWOK_VERSION")?,
             opa: get("OPA_VERSION")?,
             ghz: get("GHZ_VERSION")?,
+            flagger: get("FLAGGER_VERSION")?,
             go_min: get("GO_MIN_VERSION")?,
         };
         versions.kubernetes_minor()?;
@@ -150,6 +153,10 @@ mod tests {
         assert!(
             read("ghz").contains(&format!("github.com/bojand/ghz {}", v.ghz)),
             "ghz go.mod"
+        );
+        assert!(
+            read("flagger").contains(&format!("github.com/fluxcd/flagger {}", v.flagger)),
+            "flagger go.mod"
         );
     }
 }

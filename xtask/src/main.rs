@@ -3,6 +3,8 @@
 //!   cargo xtask demo   plays the demo (a promoted and a rolled-back canary, a policy) on a local control plane
 //! and the local control plane (see testcluster/):
 //!   cargo xtask cluster up [--kubeconfig PATH] | down | status
+//! and the benchmarks that need built third-party programs:
+//!   cargo xtask bench scale --rollouts N [--no-flagger] [--idle-secs S]
 
 mod cluster;
 mod fuzz;
@@ -47,6 +49,28 @@ enum Task {
         #[command(subcommand)]
         command: cluster::ClusterCommand,
     },
+    /// Benchmarks on a real control plane, with their rivals built first.
+    Bench {
+        #[command(subcommand)]
+        bench: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// N Rollouts on one operator and N Flagger Canaries on the same control plane, in the same run:
+    /// memory, CPU, API requests by verb, time to initialize, idle requests, time to the first canary traffic.
+    Scale {
+        /// Number of Deployments with a Rollout (and as many with a Flagger Canary).
+        #[arg(long, default_value_t = 1000)]
+        rollouts: usize,
+        /// Measure Sluice alone.
+        #[arg(long)]
+        no_flagger: bool,
+        /// Length of the idle window, in seconds.
+        #[arg(long, default_value_t = 120)]
+        idle_secs: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,6 +79,14 @@ fn main() -> ExitCode {
         Task::Test => test(),
         Task::Demo => demo(),
         Task::Cluster { command } => cluster::run(command),
+        Task::Bench {
+            bench:
+                Bench::Scale {
+                    rollouts,
+                    no_flagger,
+                    idle_secs,
+                },
+        } => bench_scale(rollouts, no_flagger, idle_secs),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -63,6 +95,35 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn bench_scale(rollouts: usize, no_flagger: bool, idle_secs: u64) -> Result<(), String> {
+    let progress = |line: &str| println!("{line}");
+    step("building the control plane");
+    sluice_testcluster::Tools::ensure(&progress).map_err(|e| e.to_string())?;
+    if !no_flagger {
+        step("building Flagger");
+        sluice_testcluster::RivalTools::ensure(&progress).map_err(|e| e.to_string())?;
+    }
+    step(&format!("scale benchmark: {rollouts} Rollouts"));
+    let rollouts = rollouts.to_string();
+    let idle_secs = idle_secs.to_string();
+    let mut args = vec![
+        "bench",
+        "-p",
+        "sluice-e2e",
+        "--bench",
+        "scale",
+        "--",
+        "--rollouts",
+        &rollouts,
+        "--idle-secs",
+        &idle_secs,
+    ];
+    if no_flagger {
+        args.push("--no-flagger");
+    }
+    run(Command::new(cargo()).args(args))
 }
 
 fn root() -> PathBuf {
