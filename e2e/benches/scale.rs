@@ -314,8 +314,8 @@ async fn measure(
 
     audit_flushed(&audit).await;
     let from = audit_end(&audit);
-    let started = Instant::now();
     let child = start();
+    let started = Instant::now();
     let pid = child.pid();
     let mut measured = Measured {
         who: who.to_owned(),
@@ -325,9 +325,7 @@ async fn measure(
         let initialized = list_all(client, namespace, kind)
             .await
             .iter()
-            .filter(|o| {
-                o.pointer("/status/phase").and_then(Value::as_str) == Some("Initialized")
-            })
+            .filter(|o| o.pointer("/status/phase").and_then(Value::as_str) == Some("Initialized"))
             .count();
         if initialized >= n {
             measured.initialized_after = started.elapsed();
@@ -339,7 +337,10 @@ async fn measure(
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    println!("  {who}: all {n} Initialized after {:.1?}", measured.initialized_after);
+    println!(
+        "  {who}: all {n} Initialized after {:.1?}",
+        measured.initialized_after
+    );
 
     // Settle (the last status writes and scale-downs), then read memory, CPU and requests.
     tokio::time::sleep(Duration::from_secs(20)).await;
@@ -373,9 +374,15 @@ async fn measure(
     let virtual_services: Api<DynamicObject> = Api::namespaced_with(
         client.clone(),
         namespace,
-        &resource("networking.istio.io", "v1", "VirtualService", "virtualservices"),
+        &resource(
+            "networking.istio.io",
+            "v1",
+            "VirtualService",
+            "virtualservices",
+        ),
     );
-    let patch = json!({"spec": {"template": {"metadata": {"annotations": {"bench/revision": "2"}}}}});
+    let patch =
+        json!({"spec": {"template": {"metadata": {"annotations": {"bench/revision": "2"}}}}});
     let changed = Instant::now();
     deployments
         .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
@@ -433,19 +440,21 @@ fn flagger_process(
         let port = sluice_e2e::prometheus::free_port().expect("port");
         let prometheus = sluice_e2e::prometheus::free_port().expect("port");
         let log = std::fs::File::create(&log).expect("flagger log");
-        Running::Flagger(Command::new(binary)
-            .args([
-                &format!("-kubeconfig={}", kubeconfig.display()),
-                "-mesh-provider=istio",
-                // Nothing listens there: the Canaries have no metrics to query.
-                &format!("-metrics-server=http://127.0.0.1:{prometheus}"),
-                &format!("-port={port}"),
-                "-log-level=info",
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("flagger starts"))
+        Running::Flagger(
+            Command::new(binary)
+                .args([
+                    &format!("-kubeconfig={}", kubeconfig.display()),
+                    "-mesh-provider=istio",
+                    // Nothing listens there: the Canaries have no metrics to query.
+                    &format!("-metrics-server=http://127.0.0.1:{prometheus}"),
+                    &format!("-port={port}"),
+                    "-log-level=info",
+                ])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("flagger starts"),
+        )
     }
 }
 
@@ -467,11 +476,17 @@ async fn install_flagger(cluster: &Cluster, crds: &Path) -> PathBuf {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns: Namespace =
         serde_json::from_value(json!({"metadata": {"name": "flagger-system"}})).expect("ns");
-    namespaces.create(&PostParams::default(), &ns).await.expect("namespace");
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace");
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "flagger-system");
     let account: ServiceAccount =
         serde_json::from_value(json!({"metadata": {"name": "flagger"}})).expect("sa");
-    accounts.create(&PostParams::default(), &account).await.expect("ServiceAccount");
+    accounts
+        .create(&PostParams::default(), &account)
+        .await
+        .expect("ServiceAccount");
     let bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
     let binding: ClusterRoleBinding = serde_json::from_value(json!({
         "metadata": {"name": "flagger"},
@@ -479,7 +494,10 @@ async fn install_flagger(cluster: &Cluster, crds: &Path) -> PathBuf {
         "subjects": [{"kind": "ServiceAccount", "name": "flagger", "namespace": "flagger-system"}],
     }))
     .expect("binding");
-    bindings.create(&PostParams::default(), &binding).await.expect("binding");
+    bindings
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("binding");
     let kubeconfig = cluster.dir.path().join("flagger.kubeconfig");
     cluster
         .control_plane
@@ -515,7 +533,10 @@ fn row(m: &Measured, n: usize) -> String {
         m.idle_writes,
         per_rollout_per_10min,
         m.release_started_after
-            .map_or("none in 120 s".to_owned(), |d| format!("{:.2} s", d.as_secs_f64())),
+            .map_or("none in 120 s".to_owned(), |d| format!(
+                "{:.2} s",
+                d.as_secs_f64()
+            )),
     )
 }
 
@@ -523,12 +544,16 @@ fn row(m: &Measured, n: usize) -> String {
 async fn main() {
     let options = Options::from_args();
     let n = options.rollouts;
+    // Built now, so that the operator's start is not a build.
+    sluice_e2e::harness::sluice_binary().expect("the sluice binary builds");
     let rival = if options.flagger {
         Some(
             sluice_testcluster::RivalTools::locate()
                 .ok()
                 .filter(|t| t.flagger.is_file() && t.flagger_crds.is_file())
-                .expect("Flagger is not built: run `cargo xtask bench scale` (or pass --no-flagger)"),
+                .expect(
+                    "Flagger is not built: run `cargo xtask bench scale` (or pass --no-flagger)",
+                ),
         )
     } else {
         None
@@ -539,6 +564,8 @@ async fn main() {
         options.nodes = pods.div_ceil(1000);
         options.audit_users = vec![SLUICE_USER.into(), FLAGGER_USER.into()];
         options.ready_timeout = Duration::from_secs(300);
+        // The cluster's own controllers must keep up with thousands of Deployments (both operators get this).
+        options.controller_qps = Some(500);
     })
     .await
     .expect("control plane");
@@ -569,7 +596,11 @@ async fn main() {
     for ns in &bench_namespaces {
         wait_deployments_available(&client, ns, n).await;
     }
-    println!("setup: {} Deployments in {:.0?}", n * bench_namespaces.len(), setup.elapsed());
+    println!(
+        "setup: {} Deployments in {:.0?}",
+        n * bench_namespaces.len(),
+        setup.elapsed()
+    );
 
     let mut results = Vec::new();
     let sluice_log = cluster.dir.path().join("sluice-operator.log");

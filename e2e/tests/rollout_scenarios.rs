@@ -1362,6 +1362,127 @@ async fn an_operator_killed_mid_release_continues_from_status() {
     s.stop().await;
 }
 
+/// Two replicas with leader election: only the leader moves the release; killing it (SIGKILL: no release of
+/// the Lease) hands the release to the standby after the Lease expires, which continues from status: no step
+/// repeated or skipped, and every notification delivered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_fail_over_mid_release_without_repeating_a_step_or_an_alert() {
+    let mut analysis = canary_analysis(2);
+    analysis["alerts"] =
+        json!([{"name": "hook", "severity": "info", "providerRef": {"name": "hook"}}]);
+    let mut s = Scenario::start(Provider::Istio, analysis, 60).await;
+    let receiver: SharedReceiver = Arc::new(Mutex::new(Receiver::default()));
+    let hook = start_receiver(receiver.clone()).await;
+    install_providers(&s, None, hook).await;
+
+    // Replace the single operator by two replicas electing a leader on a short Lease.
+    s.operator.kill();
+    let lease_args = [
+        "--leader-elect",
+        "--leader-election-namespace",
+        "sluice-system",
+        "--leader-election-lease-secs",
+        "6",
+    ];
+    let start = |log: &str| {
+        OperatorProcess::start_with(
+            &s.cluster.operator_kubeconfig,
+            &s.prometheus.url(),
+            &s.cluster.dir.path().join(log),
+            &lease_args,
+        )
+        .expect("replica starts")
+    };
+    let mut replicas = [start("replica-a.log"), start("replica-b.log")];
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(s.client.clone(), "sluice-system");
+    let holder = async || {
+        leases
+            .get_opt("sluice-operator")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity)
+    };
+    let first = eventually("a leader", Duration::from_secs(30), async || holder().await).await;
+    let leader = replicas
+        .iter()
+        .position(|r| first.ends_with(&format!("-{}", r.pid())))
+        .unwrap_or_else(|| panic!("the Lease names {first}, neither replica"));
+    let standby = 1 - leader;
+    eventually(
+        "only the leader to say it leads",
+        Duration::from_secs(10),
+        async || replicas[leader].log().contains(" leading").then_some(()),
+    )
+    .await;
+    assert!(
+        !replicas[standby].log().contains(" leading"),
+        "the standby leads too:\n{}",
+        replicas[standby].log()
+    );
+
+    s.release("podinfo:2", json!({})).await;
+    s.wait_for_weight(40, Duration::from_secs(30)).await;
+    replicas[leader].kill();
+    let killed = Instant::now();
+    let second = eventually(
+        "the standby to take the Lease",
+        Duration::from_secs(30),
+        async || holder().await.filter(|h| *h != first),
+    )
+    .await;
+    let failover = killed.elapsed();
+    assert!(
+        second.ends_with(&format!("-{}", replicas[standby].pid())),
+        "{second}"
+    );
+    println!(
+        "failover: the standby holds the Lease {failover:.1?} after the leader was killed (Lease 6 s)"
+    );
+    assert!(
+        failover < Duration::from_secs(20),
+        "failover took {failover:?}"
+    );
+
+    s.wait_for_phase(RolloutPhase::Succeeded, Duration::from_secs(60))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let climbed: Vec<u8> = s.weight_sequence().into_iter().filter(|w| *w > 0).collect();
+    assert_eq!(
+        climbed,
+        vec![20, 40, 60],
+        "no step repeated or skipped across the failover"
+    );
+    let reasons = eventually(
+        "the success notification",
+        Duration::from_secs(20),
+        async || {
+            let reasons = accepted_reasons(&receiver);
+            reasons
+                .iter()
+                .any(|(_, r)| r == "Promoted")
+                .then_some(reasons)
+        },
+    )
+    .await;
+    let ids: std::collections::BTreeSet<&String> = reasons.iter().map(|(id, _)| id).collect();
+    assert_eq!(
+        ids.len(),
+        reasons.len(),
+        "a notification was delivered twice: {reasons:?}"
+    );
+    for once in ["ReleaseStarted", "Promoted"] {
+        assert_eq!(
+            reasons.iter().filter(|(_, r)| r == once).count(),
+            1,
+            "{once} delivered once: {reasons:?}"
+        );
+    }
+    drop(replicas);
+    s.stop().await;
+}
+
 /// Write requests the API server has served since it started, by `VERB group/resource[/subresource]`, read
 /// from its `apiserver_request_total` metric (every request counts, a no-op patch too, unlike
 /// resourceVersions). Leases and Nodes are left out: kwok's node heartbeats write them all the time. So are

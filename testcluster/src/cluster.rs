@@ -55,6 +55,10 @@ pub struct ClusterOptions {
     /// level Metadata, one line per completed request): the scale benchmark counts requests by verb from it.
     /// Empty: no audit log.
     pub audit_users: Vec<String>,
+    /// Client QPS (and burst) of kube-controller-manager and kube-scheduler, with 50 concurrent Deployment and
+    /// ReplicaSet syncs: their defaults (20 and 50 QPS, 5 syncs) make the cluster's own controllers the
+    /// bottleneck when thousands of Deployments change at once. `None`: the defaults.
+    pub controller_qps: Option<u32>,
 }
 
 impl ClusterOptions {
@@ -68,6 +72,7 @@ impl ClusterOptions {
             state_file: None,
             stop_with_parent: true,
             audit_users: Vec::new(),
+            controller_qps: None,
         }
     }
 }
@@ -414,32 +419,35 @@ impl Cluster {
         cluster.spawn(
             "kube-apiserver",
             &tools.kube_apiserver,
-            audit.into_iter().chain([
-                format!("--etcd-servers={etcd_client}"),
-                "--bind-address=127.0.0.1".into(),
-                format!("--secure-port={}", ports.apiserver),
-                // Nothing dials the `kubernetes` Service here; with no endpoint reconciler the loopback
-                // address is accepted and no other host address is ever published.
-                "--advertise-address=127.0.0.1".into(),
-                "--endpoint-reconciler-type=none".into(),
-                format!(
-                    "--cert-dir={}",
-                    p(&dir.join("pki").join("apiserver-generated"))
-                ),
-                format!("--tls-cert-file={}", p(&pki.apiserver_cert)),
-                format!("--tls-private-key-file={}", p(&pki.apiserver_key)),
-                format!("--client-ca-file={}", p(&pki.ca_cert)),
-                format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
-                format!(
-                    "--service-account-key-file={}",
-                    p(&pki.service_account_public_key)
-                ),
-                format!("--service-account-signing-key-file={sa_key}"),
-                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-                "--authorization-mode=Node,RBAC".into(),
-                "--allow-privileged=true".into(),
-                "--profiling=false".into(),
-            ]).collect(),
+            audit
+                .into_iter()
+                .chain([
+                    format!("--etcd-servers={etcd_client}"),
+                    "--bind-address=127.0.0.1".into(),
+                    format!("--secure-port={}", ports.apiserver),
+                    // Nothing dials the `kubernetes` Service here; with no endpoint reconciler the loopback
+                    // address is accepted and no other host address is ever published.
+                    "--advertise-address=127.0.0.1".into(),
+                    "--endpoint-reconciler-type=none".into(),
+                    format!(
+                        "--cert-dir={}",
+                        p(&dir.join("pki").join("apiserver-generated"))
+                    ),
+                    format!("--tls-cert-file={}", p(&pki.apiserver_cert)),
+                    format!("--tls-private-key-file={}", p(&pki.apiserver_key)),
+                    format!("--client-ca-file={}", p(&pki.ca_cert)),
+                    format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
+                    format!(
+                        "--service-account-key-file={}",
+                        p(&pki.service_account_public_key)
+                    ),
+                    format!("--service-account-signing-key-file={sa_key}"),
+                    format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                    "--authorization-mode=Node,RBAC".into(),
+                    "--allow-privileged=true".into(),
+                    "--profiling=false".into(),
+                ])
+                .collect(),
         )?;
         let client = cluster.client.clone();
         cluster
@@ -474,7 +482,17 @@ impl Cluster {
                 format!("--service-cluster-ip-range={SERVICE_CIDR}"),
                 "--leader-elect=false".into(),
                 "--profiling=false".into(),
-            ],
+            ]
+            .into_iter()
+            .chain(opts.controller_qps.into_iter().flat_map(|qps| {
+                [
+                    format!("--kube-api-qps={qps}"),
+                    format!("--kube-api-burst={qps}"),
+                    "--concurrent-deployment-syncs=50".into(),
+                    "--concurrent-replicaset-syncs=50".into(),
+                ]
+            }))
+            .collect(),
         )?;
         cluster.spawn(
             "kube-scheduler",
@@ -489,7 +507,15 @@ impl Cluster {
                 ),
                 "--leader-elect=false".into(),
                 "--profiling=false".into(),
-            ],
+            ]
+            .into_iter()
+            .chain(opts.controller_qps.into_iter().flat_map(|qps| {
+                [
+                    format!("--kube-api-qps={qps}"),
+                    format!("--kube-api-burst={qps}"),
+                ]
+            }))
+            .collect(),
         )?;
         cluster.spawn(
             "kwok",

@@ -90,6 +90,20 @@ pub struct OperatorArgs {
     /// whoever may write a MetricTemplate could then read any metric that identity can read.
     #[arg(long, env = "SLUICE_METRIC_TEMPLATES_USE_OPERATOR_IDENTITY")]
     pub metric_templates_use_operator_identity: bool,
+    /// Run as one of several replicas: only the holder of a Lease reconciles and serves bundles; the others
+    /// wait (not ready) and take over when the leader stops renewing it.
+    #[arg(long, env = "SLUICE_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Namespace of the Lease (default: the Pod's own, from POD_NAMESPACE, else sluice-system).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "sluice-system")]
+    pub leader_election_namespace: String,
+    /// Name of the Lease.
+    #[arg(long, default_value = "sluice-operator")]
+    pub leader_election_lease: String,
+    /// How long a leader's Lease is valid after its last renewal, in seconds: the longest failover after a
+    /// leader dies without releasing it (a leader that stops cleanly releases it at once).
+    #[arg(long, default_value_t = 15)]
+    pub leader_election_lease_secs: u64,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -158,6 +172,20 @@ pub enum CliError {
         #[source]
         source: crate::rollout::simulate::SeriesError,
     },
+    #[error(
+        "leader election on Lease {namespace}/{lease}: {message} (the operator's ServiceAccount needs get, create, \
+         update and patch on leases.coordination.k8s.io there, see config/base/rbac.yaml)"
+    )]
+    LeaderElection {
+        namespace: String,
+        lease: String,
+        message: String,
+    },
+    #[error(
+        "lost the leadership of Lease {0}: stopping, so that a restart competes again instead of writing beside \
+         the new leader"
+    )]
+    LeadershipLost(String),
     #[error("no usable Kubernetes configuration (set KUBECONFIG or run in a cluster): {0}")]
     Kubeconfig(#[source] kube::Error),
     #[error("cannot read --bundle-signing-key {path}: {source}")]
@@ -370,19 +398,89 @@ async fn operator(args: OperatorArgs) -> Result<(), CliError> {
         bundle_listener,
         bundles.clone(),
     ));
-    futures::join!(
-        crate::controller::run(
-            client.clone(),
-            prometheus,
-            telemetry.clone(),
-            deliverer,
-            default_alert,
-            args.metric_templates_use_operator_identity,
-        ),
-        crate::controller::authz::run(client, bundles, telemetry, signing),
-    );
+    let election_client = client.clone();
+    let controllers = async {
+        futures::join!(
+            crate::controller::run(
+                client.clone(),
+                prometheus,
+                telemetry.clone(),
+                deliverer,
+                default_alert,
+                args.metric_templates_use_operator_identity,
+            ),
+            crate::controller::authz::run(client.clone(), bundles, telemetry, signing),
+        );
+    };
+    let result = if args.leader_elect {
+        lead(&args, election_client, controllers).await
+    } else {
+        controllers.await;
+        Ok(())
+    };
     server.abort();
     bundle_server.abort();
     tracing::info!("sluice operator stopped");
-    Ok(())
+    result
+}
+
+/// Waits for the Lease, then runs `controllers` while holding it. Losing it stops the operator (the
+/// controllers cannot be trusted to have stopped writing otherwise); a clean stop releases it, so a standby
+/// takes over at once instead of after the Lease's duration.
+async fn lead(
+    args: &OperatorArgs,
+    client: kube::Client,
+    controllers: impl std::future::Future<Output = ()>,
+) -> Result<(), CliError> {
+    let namespace = args.leader_election_namespace.clone();
+    let lease = args.leader_election_lease.clone();
+    let failed = |message: String| CliError::LeaderElection {
+        namespace: namespace.clone(),
+        lease: lease.clone(),
+        message,
+    };
+    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let duration = args.leader_election_lease_secs.max(2);
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client, &lease)
+        .with_namespace(&namespace)
+        .with_identity(&identity)
+        .with_duration(duration)
+        .with_grace((duration / 3).max(1))
+        .with_field_manager(format!("{}-lease", crate::api::FIELD_MANAGER))
+        .build()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let (mut leading, election) = manager.watch().await;
+    tracing::info!(lease = %format!("{namespace}/{lease}"), %identity, "waiting to lead");
+    while !*leading.borrow_and_update() {
+        tokio::select! {
+            changed = leading.changed() => changed.map_err(|_| failed("the election stopped".into()))?,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+    tracing::info!(lease = %format!("{namespace}/{lease}"), %identity, "leading");
+    let lost = async {
+        loop {
+            if leading.changed().await.is_err() || !*leading.borrow_and_update() {
+                return;
+            }
+        }
+    };
+    let result = tokio::select! {
+        () = controllers => Ok(()),
+        () = lost => Err(CliError::LeadershipLost(format!("{namespace}/{lease}"))),
+    };
+    // Closing the channel makes the election task release the Lease.
+    drop(leading);
+    match election.await {
+        Ok(Err(err)) => {
+            tracing::warn!(error = %err, "could not release the Lease; it expires on its own")
+        }
+        Err(err) => tracing::warn!(error = %err, "the election task failed"),
+        Ok(Ok(_)) => tracing::info!("released the Lease"),
+    }
+    result
 }
