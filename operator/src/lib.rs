@@ -6,6 +6,7 @@ pub mod api;
 /// The ext_authz decision service (its own crate, so the sidecar binary links no Kubernetes client).
 pub use sluice_authz as authz;
 pub mod cli;
+pub mod client;
 pub mod controller;
 pub mod metrics;
 pub mod notify;

@@ -104,6 +104,13 @@ pub struct OperatorArgs {
     /// leader dies without releasing it (a leader that stops cleanly releases it at once).
     #[arg(long, default_value_t = 15)]
     pub leader_election_lease_secs: u64,
+    /// Requests per second the operator may send the API server (watches and Lease renewals excepted);
+    /// status, route and scale writes are served first when requests queue.
+    #[arg(long, default_value_t = 200.0)]
+    pub api_qps: f64,
+    /// Requests the operator may send at once above --api-qps after a quiet spell.
+    #[arg(long, default_value_t = 400)]
+    pub api_burst: u32,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -375,9 +382,11 @@ async fn operator(args: OperatorArgs) -> Result<(), CliError> {
         args.alert_proxy.as_deref(),
     )
     .map_err(CliError::Alerts)?;
-    let client = kube::Client::try_default()
+    let config = kube::Config::infer()
         .await
-        .map_err(CliError::Kubeconfig)?;
+        .map_err(|e| CliError::Kubeconfig(kube::Error::InferConfig(e)))?;
+    let limiter = crate::client::Limiter::new(args.api_qps, args.api_burst);
+    let client = crate::client::limited_client(config, limiter).map_err(CliError::Kubeconfig)?;
     let telemetry = std::sync::Arc::new(crate::telemetry::Telemetry::new());
     let metrics_addr = listener
         .local_addr()

@@ -373,6 +373,15 @@ fn patch_params() -> PatchParams {
     PatchParams::apply(FIELD_MANAGER).force()
 }
 
+/// Merge patches (scale, one-shot annotations, Consul's sync mark) under the same field manager as the
+/// applies, so every field Sluice writes is owned by `sluice` in managedFields.
+fn merge_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    }
+}
+
 /// Observes, plans, converges. Writes nothing when nothing changed.
 async fn apply(cached: &Rollout, ctx: &Context) -> Result<Action, Error> {
     if !ctx.caches.synced() {
@@ -581,12 +590,8 @@ async fn apply(cached: &Rollout, ctx: &Context) -> Result<Action, Error> {
             ABORT_ANNOTATION: null,
             RETRY_ANNOTATION: null,
         }}});
-        api.patch(
-            &rollout.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(patch),
-        )
-        .await?;
+        api.patch(&rollout.name_any(), &merge_params(), &Patch::Merge(patch))
+            .await?;
         ctx.caches.wrote_over(rollout, version);
     }
     webhook::notify(http, rollout, &next_status, &plan.transitions);
@@ -1349,11 +1354,7 @@ async fn converge(
             .map_err(missing)?;
         if let Some(unsynced) = router.unsynced_status() {
             routes
-                .patch_status(
-                    &names.service,
-                    &PatchParams::default(),
-                    &Patch::Merge(unsynced),
-                )
+                .patch_status(&names.service, &merge_params(), &Patch::Merge(unsynced))
                 .await?;
         }
         tracing::info!(rollout = %rollout.name_any(), namespace = %names.namespace, %split, "route updated");
@@ -1453,7 +1454,7 @@ async fn route_synced(
 async fn scale(deployments: &Api<DynamicObject>, name: &str, replicas: i32) -> Result<(), Error> {
     let patch = json!({"spec": {"replicas": replicas}});
     deployments
-        .patch_scale(name, &PatchParams::default(), &Patch::Merge(patch))
+        .patch_scale(name, &merge_params(), &Patch::Merge(patch))
         .await?;
     Ok(())
 }
