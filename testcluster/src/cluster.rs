@@ -412,7 +412,8 @@ impl Cluster {
                 format!("--audit-policy-file={}", p(&policy)),
                 format!("--audit-log-path={}", p(&dir.join("audit.log"))),
                 "--audit-log-format=json".into(),
-                "--audit-log-mode=batch".into(),
+                // Written before each response: a reader sees every completed request at once.
+                "--audit-log-mode=blocking".into(),
                 "--audit-log-maxsize=0".into(),
             ];
         }

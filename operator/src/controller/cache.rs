@@ -139,6 +139,8 @@ where
 {
     store: Store<K>,
     synced: Arc<AtomicBool>,
+    /// The watch failed before its first list completed (for a route: its CRD is probably not installed).
+    failing: Arc<AtomicBool>,
 }
 
 impl<K: Resource + Clone + 'static> Watched<K>
@@ -186,7 +188,7 @@ impl Caches {
             let wake = wake.clone();
             spawn_watch(
                 watcher::watcher(api, watch_config()),
-                Default::default(),
+                (),
                 |s: &mut Service| slim_meta(&mut s.metadata),
                 move |s: &Service| Key::Service(s.namespace().unwrap_or_default(), s.name_any()),
                 index,
@@ -198,7 +200,7 @@ impl Caches {
             let api: Api<PartialObjectMeta<Namespace>> = Api::all(client.clone());
             spawn_watch(
                 watcher::watcher(api, watch_config()),
-                Default::default(),
+                (),
                 |n: &mut PartialObjectMeta<Namespace>| slim_meta(&mut n.metadata),
                 |n: &PartialObjectMeta<Namespace>| Key::Namespace(n.name_any()),
                 index.clone(),
@@ -260,6 +262,14 @@ impl Caches {
             .get(&ObjectRef::new(namespace))
             .map(|n| n.labels().clone())
             .unwrap_or_default()
+    }
+
+    /// Whether a reconcile should wait for the route's cache: it is still listing for the first time (and
+    /// has not failed, as it does when the route's CRD is missing). Waiting half a second then saves one
+    /// API read per Rollout when thousands start at once.
+    pub fn route_starting(&self, resource: &ApiResource) -> bool {
+        let cache = self.route_cache(resource);
+        !cache.synced.load(Ordering::Acquire) && !cache.failing.load(Ordering::Acquire)
     }
 
     /// The cached route, or `None` when the route's cache has not listed yet (the caller reads the API).
@@ -393,14 +403,19 @@ where
     let store = writer.as_reader();
     let synced = Arc::new(AtomicBool::new(false));
     let done = synced.clone();
+    let failing = Arc::new(AtomicBool::new(false));
+    let failed = failing.clone();
     let stream = watch
         .default_backoff()
         .modify(slim)
         .reflect(writer)
-        .inspect(move |event| {
-            if matches!(event, Ok(watcher::Event::InitDone)) {
+        .inspect(move |event| match event {
+            Ok(watcher::Event::InitDone) => {
                 done.store(true, Ordering::Release);
+                failed.store(false, Ordering::Release);
             }
+            Err(_) => failed.store(true, Ordering::Release),
+            Ok(_) => {}
         })
         .touched_objects();
     tokio::spawn(async move {
@@ -424,7 +439,11 @@ where
             }
         }
     });
-    Watched { store, synced }
+    Watched {
+        store,
+        synced,
+        failing,
+    }
 }
 
 #[cfg(test)]

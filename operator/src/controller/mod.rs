@@ -34,8 +34,8 @@ use crate::api::{
 use crate::metrics::{MetricServer, Prometheus, QueryContext};
 use crate::notify::{Deliverer, Notification, Severity, Sink};
 use crate::rollout::{
-    Checks, Desired, Gate, NextMove, Observed, PlanInput, checks_due, hooks_due, next_move, plan,
-    set_condition,
+    Checks, Desired, Gate, NextMove, Observed, PlanInput, Reason, checks_due, hooks_due, next_move,
+    plan, set_condition,
 };
 use crate::telemetry::Telemetry;
 use crate::traffic::{CanaryRoutes, RouteTarget, Router, Split, Waypoint, router_for_mode};
@@ -419,6 +419,9 @@ async fn apply(cached: &Rollout, ctx: &Context) -> Result<Action, Error> {
         found => found?,
     };
     let router = router_for_mode(rollout.spec.provider, waypoint.is_some());
+    if ctx.caches.route_starting(&router.api_resource()) {
+        return Ok(Action::requeue(CACHE_WAIT));
+    }
     if let Some(owner) = owner(rollout)
         && let Some(why) = router.unsupported(&route_target(rollout, &names, owner))
     {
@@ -596,22 +599,22 @@ async fn apply(cached: &Rollout, ctx: &Context) -> Result<Action, Error> {
     }
     webhook::notify(http, rollout, &next_status, &plan.transitions);
     for transition in &plan.transitions {
-        ctx.telemetry.transition(transition.reason);
+        ctx.telemetry.transition(transition.reason.as_str());
         let event = Event {
             type_: if transition.warning {
                 EventType::Warning
             } else {
                 EventType::Normal
             },
-            reason: transition.reason.into(),
+            reason: transition.reason.as_str().into(),
             note: Some(transition.message.clone()),
             action: "Reconcile".into(),
             secondary: None,
         };
         if let Err(err) = ctx.recorder.publish(&event, &rollout.object_ref(&())).await {
-            tracing::warn!(error = %err, reason = transition.reason, "could not publish an Event");
+            tracing::warn!(error = %err, reason = %transition.reason, "could not publish an Event");
         }
-        tracing::info!(rollout = %rollout.name_any(), namespace = %names.namespace, reason = transition.reason, message = %transition.message, "transition");
+        tracing::info!(rollout = %rollout.name_any(), namespace = %names.namespace, reason = %transition.reason, message = %transition.message, "transition");
     }
     ctx.telemetry
         .observe_rollout(&names.namespace, &rollout.name_any(), &next_status);
@@ -763,7 +766,7 @@ async fn deliver_outbox(
                 Err(why) => Err(why),
                 // Alertmanager receives rollbacks (firing) and their resolution; chat sinks everything else.
                 Ok((_, AlertProviderType::Alertmanager))
-                    if entry.reason != "RolledBack" && !entry.resolves =>
+                    if entry.reason != Reason::RolledBack.as_str() && !entry.resolves =>
                 {
                     Ok(())
                 }
@@ -1529,7 +1532,7 @@ async fn invalid_spec(
     if &next != status {
         let transition = crate::rollout::Transition {
             warning: true,
-            reason: "InvalidSpec",
+            reason: Reason::InvalidSpec,
             message: why.clone(),
         };
         let key = format!(
@@ -1545,7 +1548,7 @@ async fn invalid_spec(
             jiff::Timestamp::now(),
         );
         version = write_status(rollout, ctx, &next, version).await?;
-        ctx.telemetry.transition("InvalidSpec");
+        ctx.telemetry.transition(Reason::InvalidSpec.as_str());
         let event = Event {
             type_: EventType::Warning,
             reason: "InvalidSpec".into(),

@@ -7,7 +7,7 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{AlertSeverity, FiringAlert, OutboxEntry, RolloutAlert, RolloutStatus};
-use crate::rollout::Transition;
+use crate::rollout::{Reason, Transition};
 
 /// More undelivered notifications than this and the oldest are dropped (and logged): a sink that is down
 /// for days must not grow the Rollout without bound.
@@ -16,7 +16,7 @@ pub const MAX_PENDING: usize = 50;
 /// How important a transition is.
 pub fn severity(transition: &Transition) -> AlertSeverity {
     match transition.reason {
-        "RolledBack" | "InvalidSpec" => AlertSeverity::Error,
+        Reason::RolledBack | Reason::InvalidSpec => AlertSeverity::Error,
         _ if transition.warning => AlertSeverity::Warn,
         _ => AlertSeverity::Info,
     }
@@ -40,7 +40,7 @@ pub fn enqueue(
             .map(|a| a.name.clone())
             .collect();
         let revision = status.revision.clone();
-        if transition.reason == "Promoted"
+        if transition.reason == Reason::Promoted
             && let Some(firing) = status.firing_alert.take()
         {
             status.notifications.push(OutboxEntry {
@@ -60,7 +60,7 @@ pub fn enqueue(
                 last_error: None,
             });
         }
-        if transition.reason == "RolledBack" && !pending.is_empty() {
+        if transition.reason == Reason::RolledBack && !pending.is_empty() {
             status.firing_alert = Some(FiringAlert {
                 revision: revision.clone().unwrap_or_default(),
                 severity,
@@ -76,7 +76,7 @@ pub fn enqueue(
                 revision.clone().unwrap_or_default(),
                 transition.reason
             ),
-            reason: transition.reason.to_owned(),
+            reason: transition.reason.as_str().to_owned(),
             severity,
             message: transition.message.clone(),
             revision,
@@ -173,7 +173,7 @@ mod tests {
         }
     }
 
-    fn transition(reason: &'static str, warning: bool) -> Transition {
+    fn transition(reason: Reason, warning: bool) -> Transition {
         Transition {
             warning,
             reason,
@@ -196,9 +196,9 @@ mod tests {
             alert("pager", AlertSeverity::Error),
         ];
         let transitions = [
-            transition("ReleaseStarted", false),
-            transition("Frozen", true),
-            transition("RolledBack", true),
+            transition(Reason::ReleaseStarted, false),
+            transition(Reason::Frozen, true),
+            transition(Reason::RolledBack, true),
         ];
         let dropped = enqueue(&mut status, &alerts, "default/web", &transitions, at());
         assert!(dropped.is_empty());
@@ -235,7 +235,7 @@ mod tests {
             &mut status,
             &alerts,
             "default/web",
-            &[transition("RolledBack", true)],
+            &[transition(Reason::RolledBack, true)],
             at(),
         );
         status.notifications.clear();
@@ -244,7 +244,7 @@ mod tests {
             &mut status,
             &alerts,
             "default/web",
-            &[transition("Promoted", false)],
+            &[transition(Reason::Promoted, false)],
             at(),
         );
         assert_eq!(
@@ -264,7 +264,7 @@ mod tests {
             &mut status,
             &alerts,
             "default/web",
-            &[transition("Promoted", false)],
+            &[transition(Reason::Promoted, false)],
             at(),
         );
         assert_eq!(status.notifications.len(), 1, "nothing left to resolve");
@@ -278,7 +278,10 @@ mod tests {
             &mut before,
             &alerts,
             "ns/app",
-            &[transition("RolledBack", true), transition("Frozen", true)],
+            &[
+                transition(Reason::RolledBack, true),
+                transition(Reason::Frozen, true),
+            ],
             at(),
         );
         assert_eq!(before.notifications.len(), 2);
@@ -298,7 +301,7 @@ mod tests {
             &mut current,
             &alerts,
             "ns/app",
-            &[transition("Retry", false)],
+            &[transition(Reason::Retry, false)],
             at(),
         );
         merge_delivery(&mut current, &before, &after);
@@ -324,7 +327,7 @@ mod tests {
             &mut status,
             &[alert("hook", AlertSeverity::Info)],
             "ns/r",
-            &[transition("Promoted", false)],
+            &[transition(Reason::Promoted, false)],
             at(),
         );
         let entry = &mut status.notifications[0];
@@ -350,7 +353,7 @@ mod tests {
                 &mut status,
                 &alerts,
                 "ns/r",
-                &[transition("WeightChanged", false)],
+                &[transition(Reason::WeightChanged, false)],
                 t,
             ));
         }

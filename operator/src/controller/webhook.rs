@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::api::{Rollout, RolloutStatus, Webhook, WebhookType};
 use crate::notify::error_chain;
-use crate::rollout::Transition;
+use crate::rollout::{Reason, Transition};
 
 /// Time allowed for one attempt when the hook sets no `timeout`.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -72,7 +72,10 @@ pub fn event_metadata(transition: &Transition) -> BTreeMap<String, String> {
             }
             .to_owned(),
         ),
-        ("eventReason".to_owned(), transition.reason.to_owned()),
+        (
+            "eventReason".to_owned(),
+            transition.reason.as_str().to_owned(),
+        ),
     ])
 }
 
@@ -230,7 +233,7 @@ pub fn notify(
                 payload(rollout, status, hook, &event_metadata(transition)),
             ));
         }
-        if matches!(transition.reason, "Promoted" | "RolledBack") {
+        if matches!(transition.reason, Reason::Promoted | Reason::RolledBack) {
             for hook in of_type(rollout, WebhookType::PostRollout) {
                 calls.push((
                     hook.clone(),
@@ -301,7 +304,7 @@ mod tests {
         let rollout = rollout();
         let transition = Transition {
             warning: true,
-            reason: "RolledBack",
+            reason: Reason::RolledBack,
             message: "rolled back: 2 failed checks".into(),
         };
         let hook = Webhook {

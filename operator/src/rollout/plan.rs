@@ -121,9 +121,84 @@ pub struct Desired {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transition {
     pub warning: bool,
-    /// CamelCase reason, e.g. `RolledBack`.
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
+}
+
+/// Why a Rollout changed, as Events, notifications and `sluice_rollout_transitions_total` name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// A manual command had nothing to act on.
+    CommandIgnored,
+    /// A dry-run metric failed; it does not gate the release.
+    DryRunMetricFailed,
+    /// Metrics are unavailable: the weight holds until they are back or the deadline passes.
+    Frozen,
+    /// The primary was created and routes all traffic.
+    Initialized,
+    /// The paused annotation holds the release.
+    PausedByUser,
+    /// The primary runs the new revision and has all traffic.
+    Promoted,
+    /// Every check passed: the primary takes the canary's revision.
+    Promoting,
+    /// A gate that held the release lets it move on.
+    PromotionAllowed,
+    /// A gate holds the release at its step.
+    PromotionDenied,
+    /// The target went back to the promoted revision mid-release.
+    ReleaseAbandoned,
+    /// A new revision's release began.
+    ReleaseStarted,
+    /// A user pause ended.
+    Resumed,
+    /// A failed revision is released again.
+    Retry,
+    /// The target changed mid-release: the analysis restarts for the newer revision.
+    RevisionChanged,
+    /// The release failed (checks, deadline, a gate, a webhook or an abort): all traffic is back on the primary.
+    RolledBack,
+    /// A manual promote skipped the current step.
+    StepPromoted,
+    /// The confirm-rollout webhook has not let the revision start.
+    WaitingForConfirmation,
+    /// The canary's traffic weight moved to the next step.
+    WeightChanged,
+    /// The spec cannot be acted on; the status message says which field and why.
+    InvalidSpec,
+}
+
+impl Reason {
+    /// The CamelCase name Events and notifications carry.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::CommandIgnored => "CommandIgnored",
+            Reason::DryRunMetricFailed => "DryRunMetricFailed",
+            Reason::Frozen => "Frozen",
+            Reason::Initialized => "Initialized",
+            Reason::PausedByUser => "PausedByUser",
+            Reason::Promoted => "Promoted",
+            Reason::Promoting => "Promoting",
+            Reason::PromotionAllowed => "PromotionAllowed",
+            Reason::PromotionDenied => "PromotionDenied",
+            Reason::ReleaseAbandoned => "ReleaseAbandoned",
+            Reason::ReleaseStarted => "ReleaseStarted",
+            Reason::Resumed => "Resumed",
+            Reason::Retry => "Retry",
+            Reason::RevisionChanged => "RevisionChanged",
+            Reason::RolledBack => "RolledBack",
+            Reason::StepPromoted => "StepPromoted",
+            Reason::WaitingForConfirmation => "WaitingForConfirmation",
+            Reason::WeightChanged => "WeightChanged",
+            Reason::InvalidSpec => "InvalidSpec",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The outcome of one planning step.
@@ -332,7 +407,7 @@ pub fn plan(input: PlanInput<'_>) -> Plan {
 fn ignored(command: &str, phase: Option<RolloutPhase>) -> Transition {
     Transition {
         warning: true,
-        reason: "CommandIgnored",
+        reason: Reason::CommandIgnored,
         message: format!(
             "{command} ignored: nothing to {command} while the rollout is {}",
             phase
@@ -442,7 +517,7 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
             {
                 transitions.push(Transition {
                     warning: false,
-                    reason: "Retry",
+                    reason: Reason::Retry,
                     message: format!("the user asked to release revision {target_revision} again"),
                 });
                 start_release(&mut next, &target_revision, now, spec, &mut transitions);
@@ -460,7 +535,7 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
             Command::Abort => transitions.push(ignored("abort", status.phase)),
             Command::PromoteFull if in_release => transitions.push(Transition {
                 warning: true,
-                reason: "CommandIgnored",
+                reason: Reason::CommandIgnored,
                 message:
                     "promote --full ignored: the canary is not ready yet; try again once it is"
                         .into(),
@@ -475,7 +550,7 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
             next.paused_at = Some(stamp(now));
             transitions.push(Transition {
                 warning: false,
-                reason: "PausedByUser",
+                reason: Reason::PausedByUser,
                 message: format!("paused by the user at {}", status.canary_weight),
             });
         }
@@ -509,7 +584,7 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
             next.last_check_time = timers.last_check_time.clone();
             transitions.push(Transition {
                 warning: false,
-                reason: "Resumed",
+                reason: Reason::Resumed,
                 message: format!("resumed after a pause of {}s", paused_for.as_secs()),
             });
             resumed = timers;
@@ -534,7 +609,7 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
                 ));
                 transitions.push(Transition {
                     warning: false,
-                    reason: "Initialized",
+                    reason: Reason::Initialized,
                     message: format!(
                         "created {}-primary and routed all traffic to it",
                         spec.target_ref.name
@@ -566,7 +641,7 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
                 if status.message.as_deref() != Some(message.as_str()) {
                     transitions.push(Transition {
                         warning: false,
-                        reason: "WaitingForConfirmation",
+                        reason: Reason::WaitingForConfirmation,
                         message: message.clone(),
                     });
                 }
@@ -587,7 +662,7 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
                     next.message = Some("the target was reverted to the promoted revision".into());
                     transitions.push(Transition {
                         warning: false,
-                        reason: "ReleaseAbandoned",
+                        reason: Reason::ReleaseAbandoned,
                         message: "the target was reverted to the promoted revision; all traffic is on the primary".into(),
                     });
                     steady(&mut next)
@@ -643,7 +718,7 @@ fn plan_release(input: PlanInput<'_>) -> Plan {
                 next.message = Some(format!("revision {promoted_revision} promoted"));
                 transitions.push(Transition {
                     warning: false,
-                    reason: "Promoted",
+                    reason: Reason::Promoted,
                     message: format!("revision {promoted_revision} promoted: all traffic on the primary, canary scaled to 0"),
                 });
                 STOPPED
@@ -741,7 +816,7 @@ fn start_release(
     ));
     transitions.push(Transition {
         warning: false,
-        reason: "ReleaseStarted",
+        reason: Reason::ReleaseStarted,
         message: format!("new revision {revision} detected; starting the canary analysis"),
     });
 }
@@ -757,7 +832,7 @@ fn restart_release(
 ) -> Desired {
     transitions.push(Transition {
         warning: false,
-        reason: "RevisionChanged",
+        reason: Reason::RevisionChanged,
         message: format!(
             "revision {revision} replaced {} before it was promoted; the analysis restarts",
             status.revision.as_deref().unwrap_or("?")
@@ -778,7 +853,7 @@ fn rollback(
     next.message = Some(format!("rolled back: {why}"));
     transitions.push(Transition {
         warning: true,
-        reason: "RolledBack",
+        reason: Reason::RolledBack,
         message: format!("rolled back: {why}"),
     });
 }
@@ -859,7 +934,7 @@ fn progress(
         if first > Weight::ZERO {
             transitions.push(Transition {
                 warning: false,
-                reason: "WeightChanged",
+                reason: Reason::WeightChanged,
                 message: format!("canary ready; routing {first} of traffic to it"),
             });
         }
@@ -894,7 +969,7 @@ fn progress(
         Stage::Judge(weight) if observed.promote_requested => {
             transitions.push(Transition {
                 warning: false,
-                reason: "StepPromoted",
+                reason: Reason::StepPromoted,
                 message: format!("the user promoted the canary past the analysis at {weight}"),
             });
             advance(spec, &ladder, step, next, now, transitions)
@@ -918,7 +993,7 @@ fn progress(
                 {
                     transitions.push(Transition {
                         warning: true,
-                        reason: "Frozen",
+                        reason: Reason::Frozen,
                         message: format!(
                             "frozen at {weight}: metrics unavailable ({reason}); nothing is promoted until they are back"
                         ),
@@ -1004,7 +1079,7 @@ fn judge(
         if let (Some(v), false) = (failed_now, failed_before) {
             transitions.push(Transition {
                 warning: false,
-                reason: "DryRunMetricFailed",
+                reason: Reason::DryRunMetricFailed,
                 message: format!(
                     "dry-run metric failed at {weight}: {} (not gating)",
                     describe(v)
@@ -1088,7 +1163,7 @@ fn judge(
             if next.message.as_deref() != Some(message.as_str()) {
                 transitions.push(Transition {
                     warning: true,
-                    reason: "PromotionDenied",
+                    reason: Reason::PromotionDenied,
                     message: message.clone(),
                 });
             }
@@ -1097,7 +1172,7 @@ fn judge(
         }
         Some(Gate::Allowed(policies)) => transitions.push(Transition {
             warning: false,
-            reason: "PromotionAllowed",
+            reason: Reason::PromotionAllowed,
             message: format!(
                 "{} allowed moving on from {weight} at {}",
                 policies.join(", "),
@@ -1149,7 +1224,7 @@ fn advance(
     if weight != next.canary_weight {
         transitions.push(Transition {
             warning: false,
-            reason: "WeightChanged",
+            reason: Reason::WeightChanged,
             message: format!(
                 "checks passed at {}; routing {weight} to the canary",
                 next.canary_weight
@@ -1189,7 +1264,7 @@ fn begin_promotion(
     }
     transitions.push(Transition {
         warning: false,
-        reason: "Promoting",
+        reason: Reason::Promoting,
         message: format!("{why}{how}; copying revision {revision} to the primary"),
     });
     Desired {

@@ -214,7 +214,7 @@ pub fn simulate(
                 events: planned
                     .transitions
                     .iter()
-                    .map(|t| t.reason.to_owned())
+                    .map(|t| t.reason.as_str().to_owned())
                     .collect(),
             });
         }

@@ -194,7 +194,7 @@ impl World {
     fn reasons(&self) -> Vec<&'static str> {
         self.log
             .iter()
-            .flat_map(|(p, _)| p.transitions.iter().map(|t| t.reason))
+            .flat_map(|(p, _)| p.transitions.iter().map(|t| t.reason.as_str()))
             .collect()
     }
 
@@ -274,7 +274,11 @@ fn a_healthy_release_walks_every_step_and_is_promoted() {
     let changes: Vec<Timestamp> = world
         .log
         .iter()
-        .filter(|(p, _)| p.transitions.iter().any(|t| t.reason == "WeightChanged"))
+        .filter(|(p, _)| {
+            p.transitions
+                .iter()
+                .any(|t| t.reason == Reason::WeightChanged)
+        })
         .filter_map(|(p, _)| p.status.stage_started_time.as_ref().map(|t| t.0))
         .collect();
     for pair in changes.windows(2) {
@@ -304,7 +308,7 @@ fn failing_checks_roll_back_at_the_threshold() {
         .log
         .iter()
         .flat_map(|(p, _)| &p.transitions)
-        .filter(|t| t.reason == "RolledBack")
+        .filter(|t| t.reason == Reason::RolledBack)
         .collect();
     assert_eq!(rolled_back.len(), 1, "exactly one rollback transition");
     assert!(
@@ -383,7 +387,10 @@ fn consecutive_counting_forgives_failures_a_pass_follows_and_cumulative_does_not
         );
         // The second failure reaches the threshold only when the first one still counts.
         let second = world.judge_once(Health::Bad);
-        let rolled_back = second.transitions.iter().any(|t| t.reason == "RolledBack");
+        let rolled_back = second
+            .transitions
+            .iter()
+            .any(|t| t.reason == Reason::RolledBack);
         assert_eq!(rolled_back, counting == "cumulative", "{counting}");
         assert_eq!(
             world.phase(),
@@ -462,7 +469,7 @@ fn a_dry_run_metric_is_reported_but_never_gates() {
     let dry_events = |plan: &Plan| {
         plan.transitions
             .iter()
-            .filter(|t| t.reason == "DryRunMetricFailed")
+            .filter(|t| t.reason == Reason::DryRunMetricFailed)
             .map(|t| t.message.clone())
             .collect::<Vec<_>>()
     };
@@ -823,7 +830,7 @@ proptest! {
                     Judgement::Passed | Judgement::Held => before.failed_checks,
                 };
                 prop_assert_eq!(plan.status.failed_checks, expected, "{:?} after {} failed checks: {:?}", judged, before.failed_checks, verdicts);
-                let rolled_back = plan.transitions.iter().any(|t| t.reason == "RolledBack");
+                let rolled_back = plan.transitions.iter().any(|t| t.reason == Reason::RolledBack);
                 prop_assert_eq!(rolled_back, judged == Judgement::Failed && expected >= threshold, "{:?} at {}/{}", judged, expected, threshold);
                 let moved_on = plan.status.iterations > before.iterations;
                 prop_assert_eq!(moved_on, judged == Judgement::Passed, "{:?}: {:?}", judged, verdicts);
@@ -836,14 +843,14 @@ proptest! {
                 prop_assert!(d.canary_weight <= cap || switched, "weight {} above {}", d.canary_weight, cap);
                 prop_assert_eq!(d.canary_weight.get() + d.canary_weight.complement().get(), 100);
             }
-            let promoting = plan.transitions.iter().any(|t| t.reason == "Promoting");
+            let promoting = plan.transitions.iter().any(|t| t.reason == Reason::Promoting);
             if promoting {
                 let all_passed = matches!(checks, Checks::Ran(vs) if spec.analysis.metrics.iter().filter(|m| !m.dry_run).all(|m| vs.iter().any(|v| v.name == m.name && v.verdict == Verdict::Pass)));
                 prop_assert!(all_passed, "promoted without every gating metric passing: {:?}", checks);
             }
             if let Checks::Ran(vs) = checks
                 && vs.iter().any(|v| !v.dry_run && v.verdict != Verdict::Pass) {
-                    prop_assert!(!plan.transitions.iter().any(|t| t.reason == "WeightChanged" || t.reason == "Promoting"),
+                    prop_assert!(!plan.transitions.iter().any(|t| t.reason == Reason::WeightChanged || t.reason == Reason::Promoting),
                         "advanced on a check that was not a pass");
                 }
             // The planner waits for a watch event (a long resync only) exactly when nothing is time-bound; during
@@ -856,7 +863,7 @@ proptest! {
                 prop_assert!(!in_release, "idle in {:?}", plan.status.phase);
                 prop_assert!(plan.desired.is_none_or(|d| !d.canary_up && d.canary_weight == Weight::ZERO));
             }
-            if plan.transitions.iter().any(|t| t.reason == "RolledBack") {
+            if plan.transitions.iter().any(|t| t.reason == Reason::RolledBack) {
                 prop_assert_eq!(plan.desired, Some(Desired { primary_from_target: false, canary_up: false, canary_weight: Weight::ZERO, experiment: false }));
                 prop_assert_eq!(plan.status.phase, Some(RolloutPhase::Failed));
             }
@@ -872,7 +879,7 @@ fn reasons(world: &World) -> Vec<&'static str> {
     world
         .log
         .iter()
-        .flat_map(|(plan, _)| plan.transitions.iter().map(|t| t.reason))
+        .flat_map(|(plan, _)| plan.transitions.iter().map(|t| t.reason.as_str()))
         .collect()
 }
 
@@ -905,7 +912,7 @@ fn abort_rolls_back_a_release_in_progress_and_is_used_once() {
     assert!(plan.command_used);
     assert_eq!(
         plan.transitions.last().map(|t| t.reason),
-        Some("CommandIgnored")
+        Some(Reason::CommandIgnored)
     );
     assert_eq!(world.phase(), Some(RolloutPhase::Failed));
 }
@@ -1010,7 +1017,7 @@ fn promote_outside_a_release_is_refused_and_does_not_linger() {
     assert!(plan.command_used);
     assert_eq!(
         plan.transitions.last().map(|t| t.reason),
-        Some("CommandIgnored")
+        Some(Reason::CommandIgnored)
     );
     // The next release is judged normally: a bad canary is not promoted by a stale request.
     world.new_revision("r2");
