@@ -110,7 +110,7 @@ mod tests {
     #[test]
     fn comments_and_blanks_are_ignored() {
         let v = Versions::parse(
-            "# c\n\nKUBERNETES_VERSION=v1.2.3\nETCD_VERSION = v3.0.0\nKWOK_VERSION=v0.1.0\nOPA_VERSION=v1.0.0\nGHZ_VERSION=v0.1.0\nGO_MIN_VERSION=1.26.0\n",
+            "# c\n\nKUBERNETES_VERSION=v1.2.3\nETCD_VERSION = v3.0.0\nKWOK_VERSION=v0.1.0\nOPA_VERSION=v1.0.0\nGHZ_VERSION=v0.1.0\nFLAGGER_VERSION=v1.0.0\nGO_MIN_VERSION=1.26.0\n",
         )
         .expect("parses");
         assert!(v.go_is_new_enough("go1.26.8"));
