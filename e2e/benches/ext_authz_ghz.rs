@@ -101,27 +101,7 @@ impl Server {
 
     /// (CPU seconds so far, RSS now in MiB, peak RSS in MiB)
     fn usage(&self) -> (f64, f64, f64) {
-        let pid = self.child.id();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-        // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-        let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 =
-            fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-        let kib = |key: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(f64::NAN)
-        };
-        (
-            ticks / 100.0,
-            kib("VmRSS:") / 1024.0,
-            kib("VmHWM:") / 1024.0,
-        )
+        sluice_e2e::harness::process_usage(self.child.id())
     }
 }
 

@@ -194,36 +194,6 @@ async fn wait_deployments_available(client: &kube::Client, namespace: &str, n: u
     }
 }
 
-/// Resident and peak resident set of a process, in MiB (`/proc/<pid>/status`).
-fn rss_mib(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// User + system CPU seconds of a process (`/proc/<pid>/stat`, in clock ticks of 1/100 s).
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may contain spaces) start at `)`.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 /// Audit events of `user` in the log from byte `from` on: counts by verb, and the end offset.
 fn audit_counts(log: &Path, user: &str, from: u64) -> (BTreeMap<String, u64>, u64) {
     let mut counts = BTreeMap::new();
@@ -337,10 +307,11 @@ async fn measure(
     // Settle (the last status writes and scale-downs), then read memory, CPU and requests.
     tokio::time::sleep(Duration::from_secs(20)).await;
     audit_flushed(&audit).await;
-    let (rss, peak) = rss_mib(pid);
-    measured.rss_settled_mib = rss;
-    measured.rss_peak_mib = peak;
-    measured.cpu_secs = cpu_secs(pid);
+    (
+        measured.cpu_secs,
+        measured.rss_settled_mib,
+        measured.rss_peak_mib,
+    ) = sluice_e2e::harness::process_usage(pid);
     let (requests, offset) = audit_counts(&audit, user, from);
     measured.requests = requests;
 

@@ -491,3 +491,32 @@ pub fn kubectl_sluice(kubeconfig: &Path, args: &[&str]) -> KubectlOutput {
         },
     }
 }
+
+/// CPU seconds (user + system) so far, resident set now and its peak in MiB, of process `pid`, from
+/// `/proc/<pid>/stat` (clock ticks of 1/100 s) and `/proc/<pid>/status`; `NaN` where a field cannot be read.
+pub fn process_usage(pid: u32) -> (f64, f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name (which may hold spaces); utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (
+        (tick(11) + tick(12)) / 100.0,
+        kib("VmRSS:") / 1024.0,
+        kib("VmHWM:") / 1024.0,
+    )
+}

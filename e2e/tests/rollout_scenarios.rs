@@ -1454,24 +1454,7 @@ async fn two_replicas_fail_over_mid_release_without_repeating_a_step_or_an_alert
         vec![20, 40, 60],
         "no step repeated or skipped across the failover"
     );
-    let reasons = eventually(
-        "the success notification",
-        Duration::from_secs(20),
-        async || {
-            let reasons = accepted_reasons(&receiver);
-            reasons
-                .iter()
-                .any(|(_, r)| r == "Promoted")
-                .then_some(reasons)
-        },
-    )
-    .await;
-    let ids: std::collections::BTreeSet<&String> = reasons.iter().map(|(id, _)| id).collect();
-    assert_eq!(
-        ids.len(),
-        reasons.len(),
-        "a notification was delivered twice: {reasons:?}"
-    );
+    let reasons = deliveries_until(&receiver, "Promoted").await;
     for once in ["ReleaseStarted", "Promoted"] {
         assert_eq!(
             reasons.iter().filter(|(_, r)| r == once).count(),
@@ -2862,6 +2845,26 @@ fn accepted_reasons(receiver: &SharedReceiver) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
+/// The webhook's accepted deliveries (id, reason) once one has `reason`; each id must be there once.
+async fn deliveries_until(receiver: &SharedReceiver, reason: &str) -> Vec<(String, String)> {
+    let reasons = eventually(
+        &format!("a {reason} delivery"),
+        Duration::from_secs(20),
+        async || {
+            let reasons = accepted_reasons(receiver);
+            reasons.iter().any(|(_, r)| r == reason).then_some(reasons)
+        },
+    )
+    .await;
+    let ids: std::collections::BTreeSet<&String> = reasons.iter().map(|(id, _)| id).collect();
+    assert_eq!(
+        ids.len(),
+        reasons.len(),
+        "a notification was delivered twice: {reasons:?}"
+    );
+    reasons
+}
+
 async fn eventually<T>(
     what: &str,
     timeout: Duration,
@@ -2925,20 +2928,7 @@ async fn a_rollback_alert_reaches_alertmanager_and_a_later_success_resolves_it()
     );
 
     // The webhook refused twice, then accepted each notification exactly once, signed.
-    let reasons = eventually("webhook deliveries", Duration::from_secs(20), async || {
-        let reasons = accepted_reasons(&receiver);
-        reasons
-            .iter()
-            .any(|(_, r)| r == "RolledBack")
-            .then_some(reasons)
-    })
-    .await;
-    let ids: std::collections::BTreeSet<&String> = reasons.iter().map(|(id, _)| id).collect();
-    assert_eq!(
-        ids.len(),
-        reasons.len(),
-        "a notification was delivered twice: {reasons:?}"
-    );
+    let reasons = deliveries_until(&receiver, "RolledBack").await;
     let names: Vec<&str> = reasons.iter().map(|(_, r)| r.as_str()).collect();
     assert!(
         names.contains(&"ReleaseStarted") && names.contains(&"RolledBack"),

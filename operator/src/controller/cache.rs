@@ -353,16 +353,6 @@ impl Caches {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&ObjectRef::from_obj(rollout));
     }
-
-    /// Number of objects cached, by kind (for the scale benchmark's log).
-    pub fn sizes(&self) -> [(&'static str, usize); 4] {
-        [
-            ("deployments", self.deployments.store.len()),
-            ("statefulsets", self.statefulsets.store.len()),
-            ("services", self.services.store.len()),
-            ("namespaces", self.namespaces.store.len()),
-        ]
-    }
 }
 
 fn watch_workloads(

@@ -1324,11 +1324,8 @@ async fn converge(
             .api_resource()
             .kind;
     let missing = |err| route_error(err, rollout.spec.provider, ambient);
-    let observed = |route: Option<Value>| {
-        route
-            .as_ref()
-            .and_then(|v| router.observed_split(v, &route_target))
-    };
+    let observed =
+        |route: Option<&Value>| route.and_then(|v| router.observed_split(v, &route_target));
     // A route that does not exist reads as `None`; a 404 left over means the resource itself is not served.
     let fresh_route = async || -> Result<Option<Value>, Error> {
         Ok(routes
@@ -1340,14 +1337,14 @@ async fn converge(
     let cached = ctx
         .caches
         .route(&resource, &names.namespace, &names.service);
-    let mut live_split = match cached {
-        Some(ref cached) => observed(cached.clone()),
-        None => observed(fresh_route().await?),
+    let mut live_split = match &cached {
+        Some(cached) => observed(cached.as_ref()),
+        None => observed(fresh_route().await?.as_ref()),
     };
     // The cache may lag behind Sluice's own last change of the route; a change (which also marks a Consul
     // splitter unsynced) is made only if the API server's copy still differs.
     if cached.is_some() && live_split != Some(split) {
-        live_split = observed(fresh_route().await?);
+        live_split = observed(fresh_route().await?.as_ref());
     }
     if live_split != Some(split) {
         let object = router.desired(&route_target, split);
